@@ -1,0 +1,71 @@
+"""python -m export <family|all> [--build-missing] [--profile standard|quick] [--no-store]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from training.artifacts import CHECKPOINT_FILE, REPO_ROOT, family_dir
+
+# The model store lives with the project unless told otherwise, never in the user's home.
+os.environ.setdefault("BENTOML_HOME", str(REPO_ROOT / ".bentoml"))
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def in_store(name: str) -> bool:
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        bentoml.models.get(name)
+        return True
+    except NotFound:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.registry import FAMILIES, get
+
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export trained checkpoints to single-file ONNX (contract in metadata_props), check ONNX "
+                    "Runtime against PyTorch (max abs diff <= 1e-4) and save a new version to the BentoML "
+                    f"model store at $BENTOML_HOME (now {os.environ['BENTOML_HOME']}).")
+    parser.add_argument("family", choices=[*FAMILIES, "all"])
+    parser.add_argument("--build-missing", action="store_true",
+                        help="only families with no model in the store; train those without a checkpoint first")
+    parser.add_argument("--profile", choices=["quick", "standard"], default="standard",
+                        help="training profile used by --build-missing")
+    parser.add_argument("--no-store", action="store_true", help="write the .onnx file only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from export.onnx_export import export_onnx, save_to_store
+
+    names = list(FAMILIES) if args.family == "all" else [args.family]
+    for name in names:
+        family = get(name)
+        if args.build_missing:
+            if in_store(name):
+                print(f"[{name}] in the model store: reused")
+                continue
+            if not (family_dir(name) / CHECKPOINT_FILE).exists():
+                from training.__main__ import run
+
+                for needed in family.requires:
+                    if not (family_dir(needed) / CHECKPOINT_FILE).exists():
+                        run(needed, args.profile)
+                print(f"[{name}] no checkpoint: training ({args.profile} profile)")
+                run(name, args.profile)
+        result = export_onnx(family)
+        line = f"[{name}] {result.onnx_path} parity max abs diff {result.parity_max_abs_diff:.2e}"
+        if not args.no_store:
+            line += f", stored as {save_to_store(result, family)}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The one export routine for every family: torch.export-based ONNX export, onnx.checker, contract
+in ``metadata_props``, ONNX Runtime parity against PyTorch on held-out inputs, atomic write."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from contract import CONTRACT_KEY, ONNX_FILE, ModelContract
+from training.artifacts import atomic_write, family_dir, git_revision
+from training.family import Family
+from training.loop import load_checkpoint
+
+log = logging.getLogger(__name__)
+PARITY_TOLERANCE = 1e-4  # max abs difference allowed between ONNX Runtime and PyTorch, fp32
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExportResult:
+    family: str
+    onnx_path: Path
+    contract: ModelContract
+    parity_max_abs_diff: float
+    checkpoint: dict
+    store_tag: str | None = None
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def parity(session: ort.InferenceSession, module: torch.nn.Module, inputs: list[tuple[torch.Tensor, ...]],
+           input_names: list[str]) -> float:
+    """Max abs difference over every output of every held-out input (integer outputs must match)."""
+    worst = 0.0
+    for example in inputs:
+        with torch.no_grad():
+            expected = module(*example)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = session.run(None, {n: _to_numpy(t) for n, t in zip(input_names, example)})
+        for e, g in zip(expected, got):
+            e = _to_numpy(e)
+            if e.shape != g.shape:
+                raise ParityError(f"output shape {g.shape} from ONNX Runtime, {e.shape} from PyTorch")
+            if e.size:
+                worst = max(worst, float(np.max(np.abs(e.astype(np.float64) - g.astype(np.float64)))))
+    return worst
+
+
+def export_onnx(family: Family, ckpt_dir: Path | None = None, tolerance: float = PARITY_TOLERANCE) -> ExportResult:
+    ckpt_dir = ckpt_dir or family_dir(family.name)
+    model, cfg, checkpoint = load_checkpoint(family, ckpt_dir)
+    spec = family.export_spec(model, cfg, checkpoint)
+    contract = family.contract(cfg, checkpoint, ckpt_dir)
+    if [t.name for t in contract.inputs] != spec.input_names or [t.name for t in contract.outputs] != spec.output_names:
+        raise ValueError(f"{family.name}: contract tensor names differ from the exported graph's")
+
+    out_path = ckpt_dir / ONNX_FILE
+    started = time.monotonic()
+
+    def write(tmp: Path) -> None:
+        program = torch.onnx.export(spec.module.eval(), spec.example_inputs, input_names=spec.input_names,
+                                    output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes,
+                                    dynamo=True, external_data=False, optimize=True, verbose=False)
+        proto = program.model_proto
+        onnx.checker.check_model(proto, full_check=True)
+        meta = {CONTRACT_KEY: contract.to_json(), "family": family.name,
+                "metrics": json.dumps(checkpoint["metrics"]), "git_revision": git_revision()}
+        del proto.metadata_props[:]
+        for key, value in meta.items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        diff = parity(session, spec.module, spec.parity_inputs, spec.input_names)
+        result.parity_max_abs_diff = diff
+        if diff > tolerance:
+            raise ParityError(f"{family.name}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}; "
+                              "nothing was written")
+
+    result = ExportResult(family.name, out_path, contract, float("nan"), checkpoint)
+    atomic_write(out_path, write)
+    log.info("%s: exported %s in %.1fs, parity max abs diff %.2e", family.name, out_path,
+             time.monotonic() - started, result.parity_max_abs_diff)
+    return result
+
+
+def save_to_store(result: ExportResult, family: Family, ckpt_dir: Path | None = None) -> str:
+    """Adds the ONNX file (and e.g. the tokenizer) as a new version in the BentoML model store."""
+    import bentoml
+
+    ckpt_dir = ckpt_dir or family_dir(family.name)
+    ckpt = result.checkpoint
+    metadata = {
+        "family": family.name,
+        "task": family.task,
+        "architecture": result.contract.architecture,
+        "profile": ckpt["profile"],
+        "metrics": ckpt["metrics"],
+        "primary_metric": family.primary_metric,
+        "parity_max_abs_diff": result.parity_max_abs_diff,
+        "data_fingerprint": ckpt["data"]["fingerprint"],
+        "data_description": ckpt["data"]["description"],
+        "git_revision": git_revision(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_config": ckpt["model_config"],
+        "train_config": ckpt["train_config"],
+    }
+    # The context manager only commits the model to the store if the block finishes.
+    with bentoml.models.create(result.contract.name, labels={"family": family.name, "task": family.task},
+                               metadata=metadata) as stored:
+        shutil.copy2(result.onnx_path, stored.path_of(ONNX_FILE))
+        for name in family.extra_files():
+            shutil.copy2(ckpt_dir / name, stored.path_of(name))
+    return str(stored.tag)

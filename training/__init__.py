@@ -1,0 +1,1 @@
+"""Training: one loop over five model families (see ``training.registry``)."""

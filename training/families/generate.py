@@ -1,0 +1,211 @@
+"""Text generation: a GPT-2 architecture from Hugging Face transformers, trained from scratch with a
+byte-level BPE tokenizer, exported with a key/value cache for incremental decoding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+from contract import ModelContract, TensorSpec
+from training.data import load_text
+from training.family import Data, ExportSpec, Family
+
+TOKENIZER_FILE = "tokenizer.json"
+HF_DIR = "hf"
+END_OF_TEXT = "<|endoftext|>"
+
+
+@dataclass
+class GenerateConfig:
+    vocab_size: int = 2048
+    n_positions: int = 256  # context window; prompt + new tokens must fit in it
+    n_embd: int = 192
+    n_layer: int = 4
+    n_head: int = 4
+    dropout: float = 0.0
+    heldout_fraction: float = 0.1
+    max_new_tokens_cap: int = 200
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text[i:i + 10_000] for i in range(0, len(text), 10_000)], trainer)
+    return tok
+
+
+class GPT(nn.Module):
+    """Holds the transformers model; the family talks to it through plain tensors."""
+
+    def __init__(self, cfg: GenerateConfig):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.cfg = cfg
+        hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                            attn_pdrop=cfg.dropout, bos_token_id=0, eos_token_id=0)
+        hf_cfg._attn_implementation = "sdpa"
+        self.lm = GPT2LMHeadModel(hf_cfg)
+
+    def forward(self, input_ids):  # (B, T) -> (B, T, V)
+        return self.lm(input_ids=input_ids).logits
+
+
+class CachedDecoder(nn.Module):
+    """The exported graph: one decoding step over new tokens, given and returning the KV cache as
+    flat tensors (transformers 5 wants a DynamicCache inside; ONNX wants named tensors outside)."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.lm = gpt.lm
+        # sdpa's is_causal flag depends on the sequence length, which is symbolic during export;
+        # eager attention computes the same thing with an explicit mask.
+        self.lm.config._attn_implementation = "eager"
+        self.n_layer = gpt.cfg.n_layer
+
+    def forward(self, input_ids, position_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.n_layer):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        mask = torch.ones(input_ids.shape[0], past[0].shape[2] + input_ids.shape[1], dtype=torch.long)
+        out = self.lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                      cache_position=position_ids[0], past_key_values=cache, use_cache=True, return_dict=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def cache_names(n_layer: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+class GenerateFamily(Family):
+    name = "generate"
+    task = "text-generation"
+    config_cls = GenerateConfig
+    primary_metric = "heldout_nats_per_char"
+    higher_is_better = False
+    floor = 1.7
+    profiles = {
+        "quick": {"train": {"steps": 40, "eval_every": 20, "lr": 3e-3, "batch_size": 8, "warmup_steps": 5},
+                  "model": {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_positions": 128}},
+        "standard": {"train": {"steps": 1500, "eval_every": 250, "lr": 2e-3, "batch_size": 16, "warmup_steps": 100,
+                               "weight_decay": 0.1}, "model": {}},
+    }
+
+    def build(self, cfg: GenerateConfig) -> nn.Module:
+        return GPT(cfg)
+
+    def load_data(self, cfg: GenerateConfig, train_cfg, data_path, seed) -> Data:
+        text, fp, desc = load_text(data_path)
+        cut = int(len(text) * (1 - cfg.heldout_fraction))
+        train_text, heldout_text = text[:cut], text[cut:]
+        tokenizer = train_tokenizer(train_text, cfg.vocab_size)
+        cfg.vocab_size = tokenizer.get_vocab_size()
+        train_ids = np.asarray(tokenizer.encode(train_text).ids, dtype=np.int64)
+        heldout_ids = torch.tensor(tokenizer.encode(heldout_text).ids, dtype=torch.long)
+        return Data(self._windows(train_ids, cfg.n_positions, train_cfg.batch_size, seed),
+                    (heldout_ids, len(heldout_text)), fp, desc,
+                    meta={"chars_per_token": round(len(train_text) / len(train_ids), 3)},
+                    extra={"tokenizer": tokenizer})
+
+    @staticmethod
+    def _windows(ids: np.ndarray, block: int, batch_size: int, seed: int):
+        rng = np.random.default_rng(seed)
+        while True:
+            starts = rng.integers(0, len(ids) - block - 1, size=batch_size)
+            chunk = torch.from_numpy(np.stack([ids[s:s + block + 1] for s in starts]))
+            yield chunk[:, :-1], chunk[:, 1:]
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model, data: Data) -> dict[str, float]:
+        """Total NLL of the held-out text over its characters; windows overlap by one token so
+        every token but the first is predicted."""
+        ids, n_chars = data.heldout
+        block = model.cfg.n_positions
+        total_nll, n_tokens = 0.0, 0
+        windows = [ids[s:s + block] for s in range(0, len(ids) - 1, block - 1)]
+        for w in windows:
+            w = w[None]
+            if w.shape[1] < 2:
+                continue
+            logits = model(w[:, :-1])
+            total_nll += float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+            n_tokens += w.shape[1] - 1
+        return {"heldout_nats_per_char": total_nll / n_chars, "heldout_nats_per_token": total_nll / n_tokens,
+                "heldout_perplexity_per_token": math.exp(min(50.0, total_nll / n_tokens))}
+
+    def save_extra(self, model: GPT, data: Data, out_dir: Path) -> None:
+        from training.artifacts import atomic_write
+
+        atomic_write(out_dir / TOKENIZER_FILE, lambda p: data.extra["tokenizer"].save(str(p)))
+        model.lm.save_pretrained(out_dir / HF_DIR)  # the transformers-native copy, for users of transformers
+
+    def extra_files(self) -> list[str]:
+        return [TOKENIZER_FILE]
+
+    def heldout_examples(self, data: Data):
+        ids, _ = data.heldout
+        return [(ids[None, :24],)]
+
+    def export_spec(self, model: GPT, cfg: GenerateConfig, checkpoint: dict) -> ExportSpec:
+        decoder = CachedDecoder(model).eval()
+        (prompt,) = checkpoint["heldout_examples"][0]
+        head_dim = cfg.n_embd // cfg.n_head
+
+        def empty_cache(batch: int):
+            return tuple(torch.zeros(batch, cfg.n_head, 0, head_dim) for _ in range(2 * cfg.n_layer))
+
+        def positions(start: int, length: int, batch: int = 1):
+            return torch.arange(start, start + length).expand(batch, length).contiguous()
+
+        # Parity on a prefill (empty cache), a multi-token step and a one-token decoding step, on the
+        # held-out prompt. The traced example has lengths >= 2 so export keeps those axes symbolic.
+        half = prompt.shape[1] // 2
+        first = (prompt[:, :half], positions(0, half), *empty_cache(1))
+        with torch.no_grad():
+            present = decoder(*first)[1:]
+            step = (prompt[:, half:-1], positions(half, prompt.shape[1] - 1 - half), *present)
+            present = decoder(*step)[1:]
+        last = (prompt[:, -1:], positions(prompt.shape[1] - 1, 1), *present)
+        b, t, p = Dim("batch", min=1, max=64), Dim("sequence", min=1, max=cfg.n_positions), Dim("past", min=0, max=cfg.n_positions)
+        dynamic = ({0: b, 1: t}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in range(2 * cfg.n_layer)))
+        return ExportSpec(decoder, step, ["input_ids", "position_ids", *cache_names(cfg.n_layer, "past")],
+                          ["logits", *cache_names(cfg.n_layer, "present")], dynamic, [first, step, last])
+
+    def contract(self, cfg: GenerateConfig, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
+        head_dim = cfg.n_embd // cfg.n_head
+        cache_axes = ["batch", "head", "past_sequence", "head_dim"]
+        past = [TensorSpec(n, "float32", [-1, cfg.n_head, -1, head_dim], cache_axes) for n in cache_names(cfg.n_layer, "past")]
+        present = [TensorSpec(n, "float32", [-1, cfg.n_head, -1, head_dim], cache_axes) for n in cache_names(cfg.n_layer, "present")]
+        return ModelContract(
+            name=self.name, family=self.name, task=self.task,
+            architecture=f"gpt2-{cfg.n_layer}layer-{cfg.n_embd}wide",
+            inputs=[TensorSpec("input_ids", "int64", [-1, -1], ["batch", "sequence"]),
+                    TensorSpec("position_ids", "int64", [-1, -1], ["batch", "sequence"]), *past],
+            outputs=[TensorSpec("logits", "float32", [-1, -1, cfg.vocab_size], ["batch", "sequence", "vocab"]), *present],
+            limits={"max_new_tokens": cfg.max_new_tokens_cap, "context_window": cfg.n_positions,
+                    "max_prompt_chars": 20_000},
+            extra={"tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT, "n_layer": cfg.n_layer,
+                   "n_head": cfg.n_head, "head_dim": head_dim},
+        )

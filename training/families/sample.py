@@ -1,0 +1,159 @@
+"""GAN sampling: a class-conditional DCGAN (Radford et al. 2016) with an auxiliary classifier on the
+discriminator (AC-GAN, Odena et al. 2017), trained on the same digits as the classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+from contract import ModelContract, TensorSpec
+from training.data import endless_batches, load_labelled_images, random_affine
+from training.family import Data, ExportSpec, Family
+
+
+@dataclass
+class SampleConfig:
+    latent_dim: int = 64
+    num_classes: int = 10
+    image_size: int = 28
+    g_channels: int = 64
+    d_channels: int = 48
+    eval_per_class: int = 50
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: SampleConfig):
+        super().__init__()
+        c = cfg.g_channels
+        self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim)
+        self.project = nn.Sequential(nn.Linear(2 * cfg.latent_dim, 2 * c * 7 * 7, bias=False),
+                                     nn.BatchNorm1d(2 * c * 7 * 7), nn.ReLU(True))
+        self.body = nn.Sequential(
+            nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),  # 14x14
+            nn.ConvTranspose2d(c, 1, 4, 2, 1), nn.Sigmoid(),  # 28x28, pixels in [0, 1] like the digits
+        )
+        self.channels = 2 * c
+
+    def forward(self, latent, class_id):  # (B, Z), (B,) -> (B, 1, 28, 28)
+        h = self.project(torch.cat([latent, self.embed(class_id)], dim=1))
+        return self.body(h.view(-1, self.channels, 7, 7))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: SampleConfig):
+        super().__init__()
+        c = cfg.d_channels
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c, 4, 2, 1), nn.LeakyReLU(0.2, True),  # 14x14
+            nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2, True),  # 7x7
+            nn.Flatten(), nn.Dropout(0.3),
+        )
+        self.real_fake = nn.Linear(2 * c * 7 * 7, 1)
+        self.classes = nn.Linear(2 * c * 7 * 7, cfg.num_classes)
+
+    def forward(self, image):
+        h = self.body(image)
+        return self.real_fake(h).squeeze(1), self.classes(h)
+
+
+class GAN(nn.Module):
+    def __init__(self, cfg: SampleConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.generator = Generator(cfg)
+        self.discriminator = Discriminator(cfg)
+
+
+class SampleFamily(Family):
+    name = "sample"
+    task = "image-generation"
+    config_cls = SampleConfig
+    primary_metric = "class_agreement"
+    floor = 0.90
+    requires = ("classify",)
+    profiles = {
+        "quick": {"train": {"steps": 60, "eval_every": 30, "lr": 2e-3, "warmup_steps": 5},
+                  "model": {"g_channels": 32, "d_channels": 16, "eval_per_class": 10}},
+        "standard": {"train": {"steps": 2500, "eval_every": 250, "lr": 5e-4, "warmup_steps": 50}, "model": {}},
+    }
+
+    def build(self, cfg: SampleConfig) -> nn.Module:
+        return GAN(cfg)
+
+    def load_data(self, cfg: SampleConfig, train_cfg, data_path, seed) -> Data:
+        from training.families.classify import ClassifyFamily
+        from training.loop import load_checkpoint
+
+        images, labels, names, fp, desc = load_labelled_images(data_path, cfg.image_size)
+        cfg.num_classes = len(names)
+        gen = torch.Generator().manual_seed(seed)
+        raw = endless_batches((images, labels), train_cfg.batch_size, seed)
+        batches = ((random_affine(x, gen, degrees=5, scale=0.05, shift=0.05), y) for x, y in raw)
+        # The judge: the project's own trained classifier, with its own normalisation.
+        judge, judge_cfg, _ = load_checkpoint(ClassifyFamily())
+        return Data(batches, None, fp, desc, meta={"labels": names},
+                    extra={"judge": lambda x: judge((x - judge_cfg.mean) / judge_cfg.std)})
+
+    def optimizers(self, model: GAN, train_cfg):
+        betas = (0.5, 0.999)  # DCGAN's recommendation
+        return {"generator": torch.optim.Adam(model.generator.parameters(), lr=train_cfg.lr, betas=betas),
+                "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=train_cfg.lr, betas=betas)}
+
+    def train_step(self, model: GAN, batch, optimizers, train_cfg) -> dict[str, float]:
+        real, labels = batch
+        n, z_dim = real.shape[0], model.cfg.latent_dim
+        fake_labels = torch.randint(0, model.cfg.num_classes, (n,))
+        fake = model.generator(torch.randn(n, z_dim), fake_labels)
+
+        # discriminator: real vs fake (one-sided label smoothing) + class of the real images
+        d_real, c_real = model.discriminator(real)
+        d_fake, c_fake = model.discriminator(fake.detach())
+        d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 0.9))
+                  + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+                  + F.cross_entropy(c_real, labels) + F.cross_entropy(c_fake, fake_labels))
+        optimizers["discriminator"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizers["discriminator"].step()
+
+        # generator: fool the discriminator and make the requested class recognisable
+        d_fake, c_fake = model.discriminator(fake)
+        g_loss = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake)) + F.cross_entropy(c_fake, fake_labels)
+        optimizers["generator"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        optimizers["generator"].step()
+        return {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
+
+    @torch.no_grad()
+    def evaluate(self, model: GAN, data: Data) -> dict[str, float]:
+        cfg = model.cfg
+        gen = torch.Generator().manual_seed(1234)
+        class_id = torch.arange(cfg.num_classes).repeat_interleave(cfg.eval_per_class)
+        images = model.generator(torch.randn(len(class_id), cfg.latent_dim, generator=gen), class_id)
+        predicted = data.extra["judge"](images).argmax(-1)
+        return {"class_agreement": float((predicted == class_id).float().mean())}
+
+    def heldout_examples(self, data: Data):
+        return []  # a generator has no held-out inputs: export draws fresh latents (see export_spec)
+
+    def export_spec(self, model: GAN, cfg: SampleConfig, checkpoint: dict) -> ExportSpec:
+        gen = torch.Generator().manual_seed(7)
+        examples = [(torch.randn(n, cfg.latent_dim, generator=gen), torch.arange(n) % cfg.num_classes) for n in (1, 10)]
+        b = Dim("batch", min=1, max=4096)
+        return ExportSpec(model.generator, examples[-1], ["latent", "class_id"], ["images"], ({0: b}, {0: b}), examples)
+
+    def contract(self, cfg: SampleConfig, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
+        s = cfg.image_size
+        return ModelContract(
+            name=self.name, family=self.name, task=self.task, architecture="conditional-dcgan",
+            inputs=[TensorSpec("latent", "float32", [-1, cfg.latent_dim], ["batch", "latent"], "standard normal"),
+                    TensorSpec("class_id", "int64", [-1], ["batch"], "class to draw")],
+            outputs=[TensorSpec("images", "float32", [-1, 1, s, s], ["batch", "channel", "height", "width"],
+                                "grayscale in [0, 1], light strokes on dark")],
+            labels=list(checkpoint["data"]["labels"]),
+            limits={"max_n": 64},
+        )

@@ -1,0 +1,96 @@
+"""What every model family supplies to the shared training loop and export routine.
+
+A family overrides small pieces (build, data, loss, evaluation, export inputs, contract); the loop,
+the export routine and the serving wrapper are shared. The GAN replaces ``train_step`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from contract import ModelContract
+
+
+@dataclass
+class Data:
+    """A family's data: an endless stream of training batches plus fixed held-out sets."""
+
+    train_batches: Iterator[Any]
+    heldout: Any
+    fingerprint: str
+    description: str
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able facts kept in the checkpoint (labels)
+    extra: dict[str, Any] = field(default_factory=dict)  # in-memory helpers (a trained tokenizer)
+
+
+@dataclass
+class ExportSpec:
+    module: nn.Module  # what gets exported (may wrap the trained model)
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: Any  # torch.export dynamic shapes, matching example_inputs
+    parity_inputs: list[tuple[torch.Tensor, ...]]  # held-out inputs for the ONNX Runtime check
+
+
+class Family:
+    name: str = ""
+    task: str = ""
+    config_cls: type = object  # model hyper-parameters (a dataclass)
+    profiles: dict[str, dict[str, dict[str, Any]]] = {}  # profile -> {"train": {...}, "model": {...}}
+    primary_metric: str = ""  # the quality figure checked against the floor
+    higher_is_better: bool = True
+    floor: float = 0.0  # quality floor of the standard profile
+    requires: tuple[str, ...] = ()  # families whose checkpoints this one needs (the GAN's judge)
+
+    # --- model and data ---
+    def build(self, cfg) -> nn.Module:
+        raise NotImplementedError
+
+    def load_data(self, cfg, train_cfg, data_path: Path | None, seed: int) -> Data:
+        raise NotImplementedError
+
+    # --- training ---
+    def optimizers(self, model: nn.Module, train_cfg) -> dict[str, torch.optim.Optimizer]:
+        return {"model": torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)}
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_step(self, model: nn.Module, batch, optimizers: dict[str, torch.optim.Optimizer],
+                   train_cfg) -> dict[str, float]:
+        opt = optimizers["model"]
+        loss = self.loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        opt.step()
+        return {"loss": loss.item()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Data) -> dict[str, float]:
+        raise NotImplementedError
+
+    # --- artifacts ---
+    def save_extra(self, model: nn.Module, data: Data, out_dir: Path) -> None:
+        """Writes files the model needs besides its weights (a tokenizer) next to the checkpoint."""
+
+    def extra_files(self) -> list[str]:
+        """Names of files from ``save_extra`` that export copies into the model store."""
+        return []
+
+    def heldout_examples(self, data: Data) -> list[tuple[torch.Tensor, ...]]:
+        """A few held-out model inputs, kept in the checkpoint for export's parity check."""
+        raise NotImplementedError
+
+    def export_spec(self, model: nn.Module, cfg, checkpoint: dict) -> ExportSpec:
+        raise NotImplementedError
+
+    def contract(self, cfg, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
+        raise NotImplementedError

@@ -58,16 +58,16 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-class LogitsAndMask(nn.Module):
-    """Exports the per-pixel scores and their arg-max, so clients need no post-processing."""
+class Mask(nn.Module):
+    """Exports the per-pixel arg-max: one small int tensor per image, so clients need no
+    post-processing and the batched serving path carries a single output."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, image):
-        logits = self.model(image)
-        return logits, logits.argmax(dim=1)
+        return self.model(image).argmax(dim=1)
 
 
 def load_pets(root: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +158,7 @@ class SegmentFamily(Family):
         examples.append((F.interpolate(examples[-1][0], size=(cfg.image_size, 2 * cfg.image_size)),))
         m = 2 ** cfg.depth
         h, w = Dim("h", min=1, max=512), Dim("w", min=1, max=512)
-        return ExportSpec(LogitsAndMask(model), examples[1], ["image"], ["logits", "mask"],
+        return ExportSpec(Mask(model), examples[1], ["image"], ["mask"],
                           ({0: Dim("batch", min=1, max=1024), 2: m * h, 3: m * w},), examples)
 
     def contract(self, cfg: SegmentConfig, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
@@ -167,8 +167,7 @@ class SegmentFamily(Family):
             name=self.name, family=self.name, task=self.task, architecture=f"unet-depth{cfg.depth}",
             inputs=[TensorSpec("image", "float32", [-1, 3, -1, -1], axes,
                                f"RGB in [0, 1]; height and width multiples of {2 ** cfg.depth}")],
-            outputs=[TensorSpec("logits", "float32", [-1, cfg.num_classes, -1, -1], ["batch", "class", "height", "width"]),
-                     TensorSpec("mask", "int64", [-1, -1, -1], ["batch", "height", "width"], "class id per pixel")],
+            outputs=[TensorSpec("mask", "int64", [-1, -1, -1], ["batch", "height", "width"], "class id per pixel")],
             image=ImageSpec(height=cfg.image_size, width=cfg.image_size, channels=3, multiple_of=2 ** cfg.depth),
             labels=list(checkpoint["data"]["labels"]),
             limits={"max_pixels": 16_000_000, "max_batch": 64},

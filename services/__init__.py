@@ -1,0 +1,1 @@
+"""Serving: ONNX Runtime sessions behind BentoML. Imports no torch and nothing from training/."""

@@ -1,0 +1,130 @@
+"""Incremental decoding over the exported GPT with its key/value cache, and numpy sampling
+(temperature, top-k, top-p) from a seeded generator: the same seed gives the same text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from services.errors import RequestError
+from services.runtime import OnnxModel
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self, cap: int) -> "SamplingParams":
+        if not 1 <= self.max_new_tokens <= cap:
+            raise RequestError("max_new_tokens", f"must be between 1 and {cap}, got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 10:
+            raise RequestError("temperature", f"must be between 0 and 10, got {self.temperature}")
+        if self.top_k < 0:
+            raise RequestError("top_k", f"must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise RequestError("seed", "must be a non-negative 64-bit integer")
+        if len(self.stop) > 8 or any(not s or len(s) > 100 for s in self.stop):
+            raise RequestError("stop", "at most 8 non-empty strings of up to 100 characters")
+        return self
+
+
+def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """logits (V,) -> token id."""
+    if params.temperature == 0:
+        return int(np.argmax(logits))
+    logits = logits.astype(np.float64) / params.temperature
+    if params.top_k:
+        kth = np.partition(logits, -min(params.top_k, logits.size))[-min(params.top_k, logits.size)]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+@dataclass
+class Chunk:
+    text: str  # new text since the previous chunk
+    finish_reason: str | None  # "stop" | "length" | None while running
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextGenerator:
+    def __init__(self, model: OnnxModel):
+        from tokenizers import Tokenizer
+
+        self.model = model
+        c = model.contract
+        self.tokenizer = Tokenizer.from_file(str(model.folder / c.extra["tokenizer_file"]))
+        self.end_of_text = self.tokenizer.token_to_id(c.extra["end_of_text"])
+        self.cache_shape = (1, c.extra["n_head"], 0, c.extra["head_dim"])
+        self.n_layer = c.extra["n_layer"]
+        self.window = c.limits["context_window"]
+        self.cap = c.limits["max_new_tokens"]
+        self.max_prompt_chars = c.limits["max_prompt_chars"]
+
+    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+        if len(prompt) > self.max_prompt_chars:
+            raise RequestError("prompt", f"{len(prompt)} characters; the limit is {self.max_prompt_chars}")
+        ids = self.tokenizer.encode(prompt).ids if prompt else []
+        if not ids:
+            ids = [self.end_of_text]  # an empty prompt starts a fresh document
+        if len(ids) + max_new_tokens > self.window:
+            raise RequestError("prompt", f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
+                                         f"context window of {self.window} tokens")
+        return ids
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+        """Yields text as it becomes complete characters; the last chunk carries the finish reason."""
+        params.validate(self.cap)
+        ids = self.encode_prompt(prompt, params.max_new_tokens)
+        rng = np.random.default_rng(params.seed)
+        past = {f"past.{i}.{kv}": np.zeros(self.cache_shape, np.float32) for i in range(self.n_layer) for kv in ("key", "value")}
+        feed_ids, position = ids, 0
+        generated: list[int] = []
+        emitted = ""
+        finish = "length"
+        for _ in range(params.max_new_tokens):
+            outputs = self.model.run({
+                "input_ids": np.asarray([feed_ids], np.int64),
+                "position_ids": np.arange(position, position + len(feed_ids), dtype=np.int64)[None],
+                **past,
+            })
+            position += len(feed_ids)
+            past = {name.replace("present", "past"): outputs[name] for name in outputs if name.startswith("present")}
+            token = sample_next(outputs["logits"][0, -1], params, rng)
+            if token == self.end_of_text:
+                finish = "stop"
+                break
+            generated.append(token)
+            feed_ids = [token]
+            text = self.tokenizer.decode(generated)
+            if text.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                if text[:cut] != emitted:
+                    yield Chunk(text[len(emitted):cut], None, len(ids), len(generated))
+                emitted = text[:cut]
+                finish = "stop"
+                break
+            if len(text) > len(emitted):
+                yield Chunk(text[len(emitted):], None, len(ids), len(generated))
+                emitted = text
+        yield Chunk("", finish, len(ids), len(generated))

@@ -70,6 +70,12 @@ class BatchedModels:
                  http={"port": 3000})
 class Suite:
     batched = bentoml.depends(BatchedModels)
+    # Declared so that `bentoml build` packs the newest version of each model into the bento.
+    classify_model = bentoml.models.BentoModel("classify")
+    segment_model = bentoml.models.BentoModel("segment")
+    generate_model = bentoml.models.BentoModel("generate")
+    denoise_model = bentoml.models.BentoModel("denoise")
+    sample_model = bentoml.models.BentoModel("sample")
 
     def __init__(self) -> None:
         self.hub = ModelHub(FAMILIES)

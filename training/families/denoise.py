@@ -66,9 +66,9 @@ class DenoiseFamily(Family):
     primary_metric = "psnr_gain_blind"
     floor = 6.0
     profiles = {
-        "quick": {"train": {"steps": 60, "eval_every": 30, "lr": 2e-3, "batch_size": 16, "warmup_steps": 10},
+        "quick": {"train": {"steps": 120, "eval_every": 60, "lr": 2e-3, "batch_size": 16, "warmup_steps": 10},
                   "model": {"channels": 16, "layers": 5, "eval_crop": 96}},
-        "standard": {"train": {"steps": 1200, "eval_every": 200, "lr": 2e-3, "batch_size": 24}, "model": {}},
+        "standard": {"train": {"steps": 700, "eval_every": 175, "lr": 2e-3, "batch_size": 24}, "model": {}},
     }
 
     def build(self, cfg: DenoiseConfig) -> nn.Module:

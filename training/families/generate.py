@@ -103,7 +103,7 @@ class GenerateFamily(Family):
     higher_is_better = False
     floor = 1.7
     profiles = {
-        "quick": {"train": {"steps": 40, "eval_every": 20, "lr": 3e-3, "batch_size": 8, "warmup_steps": 5},
+        "quick": {"train": {"steps": 150, "eval_every": 75, "lr": 3e-3, "batch_size": 8, "warmup_steps": 5},
                   "model": {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_positions": 128}},
         "standard": {"train": {"steps": 500, "eval_every": 125, "lr": 2e-3, "batch_size": 16, "warmup_steps": 50,
                                "weight_decay": 0.1}, "model": {}},

@@ -104,7 +104,7 @@ class SegmentFamily(Family):
     primary_metric = "mean_iou"
     floor = 0.90
     profiles = {
-        "quick": {"train": {"steps": 60, "eval_every": 30, "lr": 3e-3, "batch_size": 16, "warmup_steps": 10},
+        "quick": {"train": {"steps": 150, "eval_every": 75, "lr": 3e-3, "batch_size": 16, "warmup_steps": 10},
                   "model": {"train_scenes": 400, "heldout_scenes": 50, "base_channels": 8}},
         "standard": {"train": {"steps": 1500, "eval_every": 250, "lr": 3e-3, "batch_size": 16}, "model": {}},
     }

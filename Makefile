@@ -1,0 +1,38 @@
+# The two commands of the README: `make serve` and `make test`. Both set everything up on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 3000
+PROFILE ?= standard
+# The model store lives with the project, not in the user's home; override to share one.
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+export BENTOML_DO_NOT_TRACK := true
+
+.PHONY: serve models test build loadtest clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Train -> export -> store whatever model is missing from the store (progress bars on stderr).
+models: $(BIN)/.installed
+	$(BIN)/python -m export all --build-missing --profile $(PROFILE)
+
+serve: models
+	$(BIN)/bentoml serve --host $(HOST) --port $(PORT)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+build: models
+	$(BIN)/bentoml build
+
+# A bounded headless load test against a running `make serve` (20 users, 30 s).
+loadtest: $(BIN)/.installed
+	$(BIN)/locust -f loadtest/locustfile.py --headless -u 20 -r 10 -t 30s --host http://$(HOST):$(PORT) --only-summary
+
+clean:
+	rm -rf artifacts .bentoml

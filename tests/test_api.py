@@ -1,0 +1,208 @@
+"""The five native APIs over real HTTP against a real `bentoml serve`, asserting content; every bad
+input gets a 4xx naming the field and the server keeps serving; a bounded locust run; bentoml build."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from loadtest.payloads import digit_png, photo_png, png_bytes, scene_png
+from tests.conftest import REPO
+
+
+def post_image(server, path: str, png: bytes, **fields) -> requests.Response:
+    return requests.post(f"{server.url}{path}", files={"image": ("upload.png", png, "image/png")},
+                         data={k: str(v) for k, v in fields.items()}, timeout=60)
+
+
+def decode(response: requests.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_classify_heldout_digits(server):
+    from training.data import split_indices
+
+    _, heldout = split_indices(1797, 0.2, seed=0)  # the classifier's own held-out split
+    right = 0
+    for index in heldout[:10]:
+        png, label = digit_png(int(index))
+        body = post_image(server, "/classify", png, top_k=3).json()
+        assert body["model"].startswith("classify:")
+        assert len(body["predictions"]) == 3
+        probs = [p["probability"] for p in body["predictions"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        right += body["predictions"][0]["class_id"] == label and body["predictions"][0]["label"] == str(label)
+    assert right >= 8, f"only {right}/10 held-out digits right"
+
+
+def test_classify_accepts_rgb_jpeg_dark_on_light(server):
+    png, label = digit_png(int(1750))
+    gray = 255 - np.asarray(Image.open(io.BytesIO(png)))  # ink on paper, as people draw digits
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([gray] * 3, -1)).resize((150, 150)).save(buffer, format="JPEG")
+    response = post_image(server, "/classify", buffer.getvalue())
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["class_id"] == label
+
+
+def test_segment_mask_overlaps_truth(server):
+    png, truth = scene_png()
+    mask = decode(post_image(server, "/segment", png))
+    assert mask.shape == truth.shape and mask.dtype == np.uint8
+    fg, fg_truth = mask > 0, truth > 0
+    iou = (fg & fg_truth).sum() / max(1, (fg | fg_truth).sum())
+    assert iou > 0.4, f"foreground IoU {iou:.2f}"
+    # any size in, same size out
+    big = Image.open(io.BytesIO(png)).resize((150, 100))
+    assert decode(post_image(server, "/segment", png_bytes(np.asarray(big)))).shape == (100, 150)
+
+
+@pytest.mark.parametrize("sigma", [25, None])
+def test_denoise_raises_psnr(server, sigma):
+    noisy_png, clean = photo_png()
+    noisy = np.asarray(Image.open(io.BytesIO(noisy_png)))
+    fields = {} if sigma is None else {"sigma": sigma}
+    denoised = decode(post_image(server, "/denoise", noisy_png, **fields))
+    assert denoised.shape == clean.shape
+    assert psnr(denoised, clean) > psnr(noisy, clean) + 0.5
+
+
+def test_denoise_rgb_keeps_size_and_mode(server):
+    png, _ = scene_png()
+    out = decode(post_image(server, "/denoise", png, sigma=10))
+    assert out.shape == (64, 64, 3)
+
+
+def test_sample_count_and_seed(server):
+    def sample(**body):
+        r = requests.post(f"{server.url}/sample", json=body, timeout=60)
+        return decode(r), r.content
+
+    grid, raw = sample(n=5, seed=11)
+    assert grid.shape == (28, 5 * 28 + 4 * 2)  # one row of five 28x28 samples, 2-pixel gutters
+    assert sample(n=5, seed=11)[1] == raw
+    assert sample(n=5, seed=12)[1] != raw
+    assert sample(n=16, seed=1, class_id=3)[0].shape == (2 * 28 + 2, 8 * 28 + 7 * 2)
+
+
+def generate(server, **body):
+    r = requests.post(f"{server.url}/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_generate_limits_and_seed(server):
+    first = generate(server, prompt="The assert statement", max_new_tokens=12, seed=5, temperature=0.9, top_k=50)
+    assert first["usage"]["completion_tokens"] <= 12 and first["usage"]["prompt_tokens"] > 0
+    assert first["finish_reason"] in ("length", "stop")
+    assert first["text"]
+    again = generate(server, prompt="The assert statement", max_new_tokens=12, seed=5, temperature=0.9, top_k=50)
+    assert again["text"] == first["text"]
+    top_p = generate(server, prompt="x", max_new_tokens=3, seed=1, top_p=0.5)
+    assert top_p["usage"]["completion_tokens"] <= 3
+
+
+def test_generate_stop_string(server):
+    base = generate(server, prompt="The", max_new_tokens=30, seed=9)
+    if len(base["text"]) < 4:
+        pytest.skip("too little text to cut")
+    stop = base["text"][2:4]
+    cut = generate(server, prompt="The", max_new_tokens=30, seed=9, stop=[stop])
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"]
+    assert base["text"].startswith(cut["text"])
+
+
+def test_generate_stream_joins_to_text(server):
+    body = {"prompt": "Exceptions are", "max_new_tokens": 16, "seed": 21}
+    whole = generate(server, **body)
+    r = requests.post(f"{server.url}/generate_stream", json=body, stream=True, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    payloads = [json.loads(e) for e in events[:-1]]
+    assert len(payloads) >= 3
+    assert "".join(p["text"] for p in payloads) == whole["text"]
+    assert payloads[-1]["finish_reason"] == whole["finish_reason"]
+    assert payloads[-1]["usage"] == whole["usage"]
+
+
+def test_models_endpoint(server, built_models):
+    body = requests.post(f"{server.url}/models", json={}, timeout=30).json()
+    by_name = {m["name"]: m for m in body}
+    assert set(by_name) == set(built_models)
+    for name, built in built_models.items():
+        m = by_name[name]
+        assert f"{name}:{m['version']}" == built.tag
+        assert m["parity_max_abs_diff"] == pytest.approx(built.parity)
+        assert m["metrics"] and m["contract"]["inputs"] and m["task"]
+
+
+BIG_PNG = png_bytes(np.zeros((4100, 4100), np.uint8))  # 16.8 M pixels, over the 16 M limit
+
+
+@pytest.mark.parametrize("path, kwargs, status, field", [
+    ("/classify", {"files": {"image": ("x.png", b"definitely not an image", "image/png")}}, 400, "image"),
+    ("/classify", {"files": {"image": ("x.png", b"", "image/png")}}, 400, "image"),
+    ("/classify", {"data": {"top_k": "3"}}, 400, "image"),
+    ("/classify", {"files": {"image": ("x.png", BIG_PNG, "image/png")}}, 413, "image"),
+    ("/classify", {"files": {"image": ("x.png", digit_png()[0], "image/png")}, "data": {"top_k": "many"}}, 400, "top_k"),
+    ("/segment", {"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")}}, 400, "image"),
+    ("/denoise", {"files": {"image": ("x.png", b"GIF89a", "image/gif")}}, 400, "image"),
+    ("/denoise", {"files": {"image": ("x.png", digit_png()[0], "image/png")}, "data": {"sigma": "-3"}}, 400, "sigma"),
+    ("/sample", {"json": {"n": 0}}, 400, "n"),
+    ("/sample", {"json": {"n": 100000}}, 400, "n"),
+    ("/sample", {"json": {"n": 2, "class_id": 42}}, 400, "class_id"),
+    ("/sample", {"json": {"n": "several"}}, 400, "n"),
+    ("/generate", {"json": {"prompt": "a", "max_new_tokens": 100000}}, 400, "max_new_tokens"),
+    ("/generate", {"json": {"prompt": "a", "temperature": "hot"}}, 400, "temperature"),
+    ("/generate", {"json": {"prompt": ["not", "a", "string"]}}, 400, "prompt"),
+    ("/generate_stream", {"json": {"prompt": "a", "max_new_tokens": 0}}, 400, "max_new_tokens"),
+])
+def test_bad_input_is_a_named_client_error(server, path, kwargs, status, field):
+    r = requests.post(f"{server.url}{path}", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert field in r.text, r.text  # our errors: {"error", "field"}; type errors: pydantic's "loc"
+    # the server keeps serving
+    assert requests.post(f"{server.url}/sample", json={"n": 1, "seed": 0}, timeout=60).status_code == 200
+
+
+def test_locust_headless_run_has_no_failures(server, tmp_path):
+    csv = tmp_path / "locust"
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless", "-u", "6",
+         "-r", "6", "-t", "15s", "--host", server.url, "--csv", str(csv), "--only-summary", "--stop-timeout", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=90)
+    stats = (tmp_path / "locust_stats.csv").read_text().splitlines()
+    header, rows = stats[0].split(","), [dict(zip(stats[0].split(","), line.split(","))) for line in stats[1:]]
+    by_name = {r["Name"]: r for r in rows}
+    for path in ("/classify", "/segment", "/generate", "/denoise", "/sample"):
+        assert int(by_name[path]["Request Count"]) > 0, (path, result.stdout[-2000:])
+    assert int(by_name["Aggregated"]["Failure Count"]) == 0, result.stdout[-3000:]
+    assert "Request Count" in header
+
+
+def test_bentoml_build_offline(built_models, tmp_path):
+    env = {**os.environ, "PIP_NO_INDEX": "1"}
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    import bentoml
+
+    tag = result.stdout.strip().splitlines()[-1].replace("__tag__:", "")
+    bento = bentoml.get(tag)
+    assert {m.tag.name for m in bento.info.all_models} >= set(built_models)

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.errors import RequestError
 from services.imaging import decode_image, encode_png, grid, to_model_input
+from services.oip.rest import app as oip_rest_app, root_app as oip_rest_root
 from services.runtime import FAMILIES, ModelHub, OnnxModel
 from services.textgen import SamplingParams, TextGenerator
 
@@ -66,6 +67,8 @@ class BatchedModels:
         return await self._run("segment", image)
 
 
+@bentoml.asgi_app(oip_rest_app, path="/v2")  # Open Inference Protocol v2, REST
+@bentoml.asgi_app(oip_rest_root, path="/")  # GET /v2 (server metadata) exactly
 @bentoml.service(name="model-suite", workers=1, traffic={"timeout": 120, "max_concurrency": 256},
                  http={"port": 3000})
 class Suite:
@@ -82,6 +85,23 @@ class Suite:
         # Batched models run in BatchedModels; this worker opens sessions only for the others.
         self.sessions: dict[str, OnnxModel] = {n: self.hub.get(n) for n in FAMILIES if n not in BATCHED}
         self.text = TextGenerator(self.sessions["generate"])
+        self.oip = None  # Open Inference Protocol front-ends, set up by the startup hook
+
+    # ---- Open Inference Protocol v2: gRPC server lifecycle (REST is the /v2 mount) ---------------
+
+    @bentoml.on_startup
+    async def start_oip(self) -> None:
+        from services.oip.core import OipCore
+        from services.oip.grpc_server import GrpcFrontend
+
+        self.oip = OipCore(self)
+        self._oip_grpc = GrpcFrontend(self.oip)
+        await self._oip_grpc.start()  # port taken: logs an ERROR, /v2/health/ready answers 503
+
+    @bentoml.on_shutdown
+    async def stop_oip(self) -> None:
+        if getattr(self, "_oip_grpc", None) is not None:
+            await self._oip_grpc.stop()
 
     # ---- shared by every protocol -------------------------------------------------------------
 

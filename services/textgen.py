@@ -98,8 +98,10 @@ class TextGenerator:
         past = {f"past.{i}.{kv}": np.zeros(self.cache_shape, np.float32) for i in range(self.n_layer) for kv in ("key", "value")}
         feed_ids, position = ids, 0
         generated: list[int] = []
-        emitted = ""
-        finish = "length"
+        emitted = ""  # text already yielded
+        # Hold back enough characters that a stop string split across tokens is never half-sent.
+        holdback = max((len(x) for x in params.stop), default=1) - 1
+        text, finish = "", "length"
         for _ in range(params.max_new_tokens):
             outputs = self.model.run({
                 "input_ids": np.asarray([feed_ids], np.int64),
@@ -117,14 +119,12 @@ class TextGenerator:
             text = self.tokenizer.decode(generated)
             if text.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            cut = min((i for i in (text.find(x) for x in params.stop) if i >= 0), default=-1)
             if cut >= 0:
-                if text[:cut] != emitted:
-                    yield Chunk(text[len(emitted):cut], None, len(ids), len(generated))
-                emitted = text[:cut]
-                finish = "stop"
+                text, finish = text[:cut], "stop"
                 break
-            if len(text) > len(emitted):
-                yield Chunk(text[len(emitted):], None, len(ids), len(generated))
-                emitted = text
-        yield Chunk("", finish, len(ids), len(generated))
+            ready = len(text) - holdback
+            if ready > len(emitted):
+                yield Chunk(text[len(emitted):ready], None, len(ids), len(generated))
+                emitted = text[:ready]
+        yield Chunk(text[len(emitted):].replace("\ufffd", ""), finish, len(ids), len(generated))

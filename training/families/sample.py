@@ -79,7 +79,8 @@ class SampleFamily(Family):
     profiles = {
         "quick": {"train": {"steps": 60, "eval_every": 30, "lr": 2e-3, "warmup_steps": 5},
                   "model": {"g_channels": 32, "d_channels": 16, "eval_per_class": 10}},
-        "standard": {"train": {"steps": 2500, "eval_every": 250, "lr": 5e-4, "warmup_steps": 50}, "model": {}},
+        "standard": {"train": {"steps": 800, "eval_every": 100, "lr": 5e-4, "warmup_steps": 50, "patience": 3},
+                     "model": {}},  # GAN quality peaks then drifts: keep the best, stop early
     }
 
     def build(self, cfg: SampleConfig) -> nn.Module:

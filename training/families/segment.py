@@ -104,8 +104,8 @@ class SegmentFamily(Family):
     primary_metric = "mean_iou"
     floor = 0.90
     profiles = {
-        "quick": {"train": {"steps": 150, "eval_every": 75, "lr": 3e-3, "batch_size": 16, "warmup_steps": 10},
-                  "model": {"train_scenes": 400, "heldout_scenes": 50, "base_channels": 8}},
+        "quick": {"train": {"steps": 300, "eval_every": 100, "lr": 3e-3, "batch_size": 16, "warmup_steps": 10},
+                  "model": {"train_scenes": 800, "heldout_scenes": 50, "base_channels": 12}},
         "standard": {"train": {"steps": 1500, "eval_every": 250, "lr": 3e-3, "batch_size": 16}, "model": {}},
     }
 

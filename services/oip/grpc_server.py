@@ -112,6 +112,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except RequestError as exc:
             await self._fail(context, exc)
             return
+        except Exception as exc:
+            log.exception("Open Inference Protocol gRPC ModelInfer failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            return
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
         for name, array in outputs.items():
             response.outputs.add(name=name, datatype=oip_datatype(array.dtype), shape=list(array.shape))

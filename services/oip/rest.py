@@ -9,6 +9,7 @@ parameter, in input order; outputs come back binary when asked for (``binary_dat
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,6 +21,7 @@ from services.errors import NotReadyError, RequestError
 from services.oip.core import OipCore, oip_datatype, tensor_from_list, tensor_from_raw, tensor_to_list, tensor_to_raw
 
 HEADER = "Inference-Header-Content-Length"
+log = logging.getLogger("services.oip.rest")
 
 
 def core() -> OipCore:
@@ -46,6 +48,9 @@ def handles_errors(fn):
             return await fn(request)
         except RequestError as exc:
             return error(exc)
+        except Exception as exc:  # a JSON body clients can parse, not Starlette's plain-text 500
+            log.exception("Open Inference Protocol REST %s failed", request.url.path)
+            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
     endpoint.__name__ = fn.__name__
     return endpoint
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,8 +32,7 @@ class Generator(nn.Module):
         super().__init__()
         c = cfg.g_channels
         self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim)
-        self.project = nn.Sequential(nn.Linear(2 * cfg.latent_dim, 2 * c * 7 * 7, bias=False),
-                                     nn.BatchNorm1d(2 * c * 7 * 7), nn.ReLU(True))
+        self.project = nn.Sequential(nn.Linear(2 * cfg.latent_dim, 2 * c * 7 * 7), nn.ReLU(True))
         self.body = nn.Sequential(
             nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),  # 14x14
             nn.ConvTranspose2d(c, 1, 4, 2, 1), nn.Sigmoid(),  # 28x28, pixels in [0, 1] like the digits
@@ -53,12 +53,15 @@ class Discriminator(nn.Module):
             nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2, True),  # 7x7
             nn.Flatten(), nn.Dropout(0.3),
         )
-        self.real_fake = nn.Linear(2 * c * 7 * 7, 1)
+        self.real_fake = nn.Linear(2 * c * 7 * 7 + 1, 1)
         self.classes = nn.Linear(2 * c * 7 * 7, cfg.num_classes)
 
     def forward(self, image):
         h = self.body(image)
-        return self.real_fake(h).squeeze(1), self.classes(h)
+        # Minibatch standard deviation (Karras et al. 2018): lets the critic see a batch of
+        # near-identical fakes, which stops the class-conditional generator collapsing to one image.
+        spread = h.std(dim=0).mean().expand(h.shape[0], 1)
+        return self.real_fake(torch.cat([h, spread], dim=1)).squeeze(1), self.classes(h)
 
 
 class GAN(nn.Module):
@@ -79,7 +82,7 @@ class SampleFamily(Family):
     profiles = {
         "quick": {"train": {"steps": 60, "eval_every": 30, "lr": 2e-3, "warmup_steps": 5},
                   "model": {"g_channels": 32, "d_channels": 16, "eval_per_class": 10}},
-        "standard": {"train": {"steps": 800, "eval_every": 100, "lr": 5e-4, "warmup_steps": 50, "patience": 3},
+        "standard": {"train": {"steps": 800, "eval_every": 100, "lr": 2e-4, "warmup_steps": 50, "patience": 3},
                      "model": {}},  # GAN quality peaks then drifts: keep the best, stop early
     }
 
@@ -97,7 +100,9 @@ class SampleFamily(Family):
         batches = ((random_affine(x, gen, degrees=5, scale=0.05, shift=0.05), y) for x, y in raw)
         # The judge: the project's own trained classifier, with its own normalisation.
         judge, judge_cfg, _ = load_checkpoint(ClassifyFamily())
-        return Data(batches, None, fp, desc, meta={"labels": names},
+        # Reference spread of real digits, per class: a collapsed generator scores far below it.
+        real_spread = float(np.mean([images[labels == c].std(dim=0).mean() for c in range(len(names))]))
+        return Data(batches, None, fp, desc, meta={"labels": names, "real_spread": real_spread},
                     extra={"judge": lambda x: judge((x - judge_cfg.mean) / judge_cfg.std)})
 
     def optimizers(self, model: GAN, train_cfg):
@@ -136,7 +141,10 @@ class SampleFamily(Family):
         class_id = torch.arange(cfg.num_classes).repeat_interleave(cfg.eval_per_class)
         images = model.generator(torch.randn(len(class_id), cfg.latent_dim, generator=gen), class_id)
         predicted = data.extra["judge"](images).argmax(-1)
-        return {"class_agreement": float((predicted == class_id).float().mean())}
+        per_class = images.view(cfg.num_classes, cfg.eval_per_class, -1)
+        spread = float(per_class.std(dim=1).mean())
+        return {"class_agreement": float((predicted == class_id).float().mean()),
+                "diversity": spread / data.meta["real_spread"]}  # 1.0 = as varied as the real digits
 
     def heldout_examples(self, data: Data):
         return []  # a generator has no held-out inputs: export draws fresh latents (see export_spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -38,11 +38,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, group_ti
     group = parser.add_argument_group(group_title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("derived"):  # filled in from the data, not a knob
+            continue
         kind = hints[f.name]
         parse = _parse_bool if kind is bool else kind
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         group.add_argument(
             "--" + f.name.replace("_", "-"), dest=f"{cls.__name__}.{f.name}", type=parse, default=None,
+            metavar=f.name.upper(),
             help=f"(default: {default}, before profile overrides)",
         )
 
@@ -62,3 +65,9 @@ def build(cls: type, *layers: dict[str, Any]) -> Any:
             raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
         values.update(layer)
     return cls(**values)
+
+
+def derived(default: Any) -> Any:
+    """A config field set from the data at load time (class count, normalisation): saved with the
+    checkpoint like any other, but not offered as a command-line flag."""
+    return field(default=default, metadata={"derived": True})

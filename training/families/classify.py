@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
+from training.config import derived
 from contract import ImageSpec, ModelContract, TensorSpec
 from training.data import endless_batches, load_labelled_images, random_affine, split_indices
 from training.family import Data, ExportSpec, Family
@@ -19,11 +20,11 @@ from training.family import Data, ExportSpec, Family
 class ClassifyConfig:
     architecture: str = "lenet5"  # lenet5 | vgg | resnet
     image_size: int = 28
-    num_classes: int = 10
+    num_classes: int = derived(10)
     width: int = 32  # channels of the first stage (VGG/ResNet); LeNet-5 keeps its classic 6/16
     dropout: float = 0.1
-    mean: float = 0.1  # of the training pixels in [0, 1]; set from the data at load time
-    std: float = 0.3
+    mean: float = derived(0.1)  # of the training pixels in [0, 1]
+    std: float = derived(0.3)
 
 
 class LeNet5(nn.Module):

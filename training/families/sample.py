@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
+from training.config import derived
 from contract import ModelContract, TensorSpec
 from training.data import endless_batches, load_labelled_images, random_affine
 from training.family import Data, ExportSpec, Family
@@ -20,7 +21,7 @@ from training.family import Data, ExportSpec, Family
 @dataclass
 class SampleConfig:
     latent_dim: int = 64
-    num_classes: int = 10
+    num_classes: int = derived(10)
     image_size: int = 28
     g_channels: int = 64
     d_channels: int = 48

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 from torch.export import Dim
 
+from training.config import derived
 from contract import ImageSpec, ModelContract, TensorSpec
 from training.artifacts import fingerprint
 from training.data import endless_batches
@@ -25,7 +26,7 @@ PET_CLASSES = ["background", "pet", "border"]
 @dataclass
 class SegmentConfig:
     image_size: int = 64
-    num_classes: int = 4
+    num_classes: int = derived(4)
     base_channels: int = 16
     depth: int = 3  # down-sampling steps; inputs must be multiples of 2**depth
     train_scenes: int = 4000

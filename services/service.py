@@ -219,12 +219,11 @@ class Suite:
         """Complete the prompt; same seed, same text."""
         params = self._sampling(max_new_tokens, temperature, top_k, top_p, seed, stop)
         try:
-            chunks = await in_thread(lambda: list(self.text.stream(prompt, params)))
+            done = await in_thread(self.text.complete, prompt, params)
         except RequestError as exc:
             return error_response(exc)
-        last = chunks[-1]
-        return {"text": "".join(ch.text for ch in chunks), "finish_reason": last.finish_reason,
-                "usage": {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens},
+        return {"text": done.text, "finish_reason": done.finish_reason,
+                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
                 "seed": params.seed, "model": self.sessions["generate"].tag}
 
     @bentoml.api

@@ -65,6 +65,14 @@ class Chunk:
     completion_tokens: int
 
 
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class TextGenerator:
     def __init__(self, model: OnnxModel):
         from tokenizers import Tokenizer
@@ -128,3 +136,11 @@ class TextGenerator:
                 yield Chunk(text[len(emitted):ready], None, len(ids), len(generated))
                 emitted = text[:ready]
         yield Chunk(text[len(emitted):].replace("\ufffd", ""), finish, len(ids), len(generated))
+
+    def complete(self, prompt: str, params: SamplingParams) -> Completion:
+        """The whole stream joined: what /generate and the OIP text_output return, so both equal
+        the concatenated /generate_stream events for the same seed."""
+        chunks = list(self.stream(prompt, params))
+        last = chunks[-1]
+        return Completion("".join(ch.text for ch in chunks), last.finish_reason, last.prompt_tokens,
+                          last.completion_tokens)

@@ -139,12 +139,6 @@ def tensor_to_raw(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).tobytes()
 
 
-def parameter_values(params: dict[str, Any], name: str = "parameters") -> dict[str, Any]:
-    if not isinstance(params, dict):
-        raise RequestError(name, "must be an object")
-    return params
-
-
 class OipCore:
     """What both transports call. Holds the ``Suite`` instance; all inference goes through
     ``Suite.infer`` (tensors) or ``Suite.text`` (text generation)."""
@@ -227,12 +221,11 @@ class OipCore:
             raise RequestError(TEXT_INPUT, "prompt is not valid UTF-8") from None
         params = self.sampling(parameters)
         generator = self._generator(stored)
-        chunks = await anyio.to_thread.run_sync(lambda: list(generator.stream(prompt, params)))
-        last = chunks[-1]
+        done = await anyio.to_thread.run_sync(generator.complete, prompt, params)
         text = np.empty(tensor.shape, dtype=object)
-        text.ravel()[0] = "".join(ch.text for ch in chunks).encode("utf-8")
-        return {TEXT_OUTPUT: text}, {"finish_reason": last.finish_reason, "seed": params.seed,
-                                     "prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens}
+        text.ravel()[0] = done.text.encode("utf-8")
+        return {TEXT_OUTPUT: text}, {"finish_reason": done.finish_reason, "seed": params.seed,
+                                     "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
 
     @staticmethod
     def sampling(parameters: dict[str, Any]) -> SamplingParams:

@@ -9,7 +9,7 @@ PROFILE ?= standard
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve models test build loadtest clean
+.PHONY: serve models test build loadtest bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ build: models
 # A bounded headless load test against a running `make serve` (20 users, 30 s).
 loadtest: $(BIN)/.installed
 	$(BIN)/locust -f loadtest/locustfile.py --headless -u 20 -r 10 -t 30s --host http://$(HOST):$(PORT) --only-summary
+
+# The serving benchmark: the suite against a hand-written FastAPI server (needs wrk and h2load:
+# apt-get install wrk nghttp2-client). Prints a table; takes about 5 minutes.
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: models $(BIN)/.bench-installed
+	$(BIN)/python -m loadtest.bench_serving
 
 clean:
 	rm -rf artifacts .bentoml

@@ -14,15 +14,24 @@ from typing import Any
 CONTRACT_KEY = "contract"
 ONNX_FILE = "model.onnx"
 
-# ONNX / numpy / Open Inference Protocol datatype names, in one table so every layer agrees.
+# The one datatype table: numpy dtype name <-> Open Inference Protocol datatype. Every layer (contract,
+# codecs, metadata, gRPC) reads it; BYTES tensors are numpy object arrays of ``bytes``.
 DTYPES = {
-    "float32": "FP32",
-    "int64": "INT64",
-    "int32": "INT32",
-    "uint8": "UINT8",
     "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
     "object": "BYTES",
 }
+NUMPY_DTYPES = {oip: numpy for numpy, oip in DTYPES.items()}  # OIP datatype -> numpy dtype name
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,45 @@
-"""Client errors that name the offending field; every protocol maps them to its own status codes."""
+"""The one error type of the serving core. Handlers, the data plane and the codecs raise it; each
+front-end maps it once: HTTP status + ``{"error": ..., "field": ...}`` body, gRPC status code."""
 
 from __future__ import annotations
 
 
-class RequestError(Exception):
-    """Bad input: HTTP 400 / gRPC INVALID_ARGUMENT unless ``status`` says otherwise."""
+class ServingError(Exception):
+    """A request the server refuses, naming the field to blame where there is one.
 
-    def __init__(self, field: str, message: str, status: int = 400):
-        super().__init__(f"{field}: {message}")
+    ``status`` is the HTTP status; gRPC maps it (400 INVALID_ARGUMENT, 404 NOT_FOUND, 413
+    INVALID_ARGUMENT, 503 UNAVAILABLE, 500 INTERNAL). ``retry_after`` (seconds) goes out as the
+    ``Retry-After`` header when the server is only busy."""
+
+    def __init__(self, field: str | None, message: str, status: int = 400, retry_after: float | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
         self.status = status
+        self.retry_after = retry_after
 
     def to_json(self) -> dict:
-        return {"error": str(self), "field": self.field}
+        body = {"error": str(self)}
+        if self.field:
+            body["field"] = self.field
+        return body
 
 
-class NotFoundError(RequestError):
-    def __init__(self, field: str, message: str):
-        super().__init__(field, message, status=404)
+def bad_request(field: str | None, message: str) -> ServingError:
+    return ServingError(field, message, 400)
 
 
-class NotReadyError(RequestError):
-    def __init__(self, field: str, message: str):
-        super().__init__(field, message, status=503)
+def not_found(field: str, message: str) -> ServingError:
+    return ServingError(field, message, 404)
+
+
+def too_large(field: str, message: str) -> ServingError:
+    return ServingError(field, message, 413)
+
+
+def unsupported_media(field: str, message: str) -> ServingError:
+    return ServingError(field, message, 415)
+
+
+def unavailable(field: str | None, message: str, retry_after: float | None = None) -> ServingError:
+    return ServingError(field, message, 503, retry_after)

@@ -1,39 +1,50 @@
-"""Image decoding and encoding for the HTTP APIs: decode uploads ourselves so bad bytes are a 400."""
+"""Image decoding and encoding for the image tasks: uploads are decoded here so bad bytes are a 400
+naming the field, and the pixel limit is checked from the header before any pixel is decoded."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from contract import ImageSpec
-from services.errors import RequestError
+from services.errors import bad_request, too_large
 
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own, documented limit below instead of PIL's warning
 
 
-def decode_image(data: bytes, field: str, max_pixels: int, min_side: int = 1) -> Image.Image:
+def open_image(data: bytes, field: str, max_pixels: int, min_side: int = 1) -> Image.Image:
+    """Reads the header only and checks the size limits, so an oversized upload costs no decoding."""
     if not data:
-        raise RequestError(field, "empty upload; send a PNG or JPEG file")
+        raise bad_request(field, "empty upload; send a PNG or JPEG file")
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
-        if width * height > max_pixels:
-            raise RequestError(field, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-                               status=413)
-        if min(width, height) < min_side:
-            raise RequestError(field, f"image is {width}x{height}; both sides must be at least {min_side} pixels")
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types; the upload is to blame
+        raise bad_request(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
+    if width * height > max_pixels:
+        raise too_large(field, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if min(width, height) < min_side:
+        raise bad_request(field, f"image is {width}x{height}; both sides must be at least {min_side} pixels")
+    return image
+
+
+def load_image(image: Image.Image, field: str) -> Image.Image:
+    """Decodes the pixels of an opened image; transparency is flattened onto white, as viewers show it."""
+    try:
         image.load()
-    except RequestError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise RequestError(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
-    if image.mode in ("RGBA", "LA", "P"):  # flatten transparency onto white, as viewers show it
+    except Exception as exc:  # noqa: BLE001
+        raise bad_request(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
+    if image.mode in ("RGBA", "LA", "P", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image
+
+
+def decode_image(data: bytes, field: str, max_pixels: int, min_side: int = 1) -> Image.Image:
+    return load_image(open_image(data, field, max_pixels, min_side), field)
 
 
 def to_model_input(image: Image.Image, spec: ImageSpec) -> np.ndarray:

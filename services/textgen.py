@@ -1,15 +1,19 @@
-"""Incremental decoding over the exported GPT with its key/value cache, and numpy sampling
-(temperature, top-k, top-p) from a seeded generator: the same seed gives the same text."""
+"""Incremental decoding over the exported GPT with its key/value cache, numpy sampling (temperature,
+top-k, top-p) from a seeded generator (the same seed gives the same text), and the one parser of
+sampling parameters that every front-end uses."""
 
 from __future__ import annotations
 
+import json
+import secrets
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from services.errors import RequestError
-from services.runtime import OnnxModel
+from services.errors import bad_request
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 100
 
 
 @dataclass
@@ -23,18 +27,58 @@ class SamplingParams:
 
     def validate(self, cap: int) -> "SamplingParams":
         if not 1 <= self.max_new_tokens <= cap:
-            raise RequestError("max_new_tokens", f"must be between 1 and {cap}, got {self.max_new_tokens}")
+            raise bad_request("max_new_tokens", f"must be between 1 and {cap}, got {self.max_new_tokens}")
         if not 0 <= self.temperature <= 10:
-            raise RequestError("temperature", f"must be between 0 and 10, got {self.temperature}")
+            raise bad_request("temperature", f"must be between 0 and 10, got {self.temperature}")
         if self.top_k < 0:
-            raise RequestError("top_k", f"must be >= 0, got {self.top_k}")
+            raise bad_request("top_k", f"must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise RequestError("top_p", f"must be in (0, 1], got {self.top_p}")
+            raise bad_request("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
-            raise RequestError("seed", "must be a non-negative 64-bit integer")
-        if len(self.stop) > 8 or any(not s or len(s) > 100 for s in self.stop):
-            raise RequestError("stop", "at most 8 non-empty strings of up to 100 characters")
+            raise bad_request("seed", "must be a non-negative 64-bit integer")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise bad_request("stop", f"at most {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_CHARS} characters")
         return self
+
+
+NUMBER_FIELDS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+
+
+def parse_sampling(values: Mapping[str, Any], cap: int) -> SamplingParams:
+    """Sampling parameters from a JSON body (native /generate) or request parameters (Open Inference
+    Protocol, REST or gRPC) -> validated SamplingParams; a missing seed gets a random one, which the
+    responses echo. ``stop`` is a string, a list of strings, or a JSON list in a string (gRPC
+    parameters cannot hold lists). Unknown keys are the caller's business."""
+    numbers: dict[str, Any] = {}
+    for key, kind in NUMBER_FIELDS.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad_request(key, f"must be a number, got {value!r}")
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise bad_request(key, f"must be an integer, got {value!r}")
+            value = int(value)
+        elif not np.isfinite(value):
+            raise bad_request(key, f"must be a finite number, got {value!r}")
+        numbers[key] = kind(value)
+    stop = values.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        if stop.startswith("["):
+            try:
+                stop = json.loads(stop)
+            except json.JSONDecodeError:
+                raise bad_request("stop", "not a valid JSON list of strings") from None
+        else:
+            stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise bad_request("stop", "must be a string or a list of strings")
+    seed = numbers.pop("seed", None)
+    params = SamplingParams(**numbers, seed=seed if seed is not None else secrets.randbits(63), stop=tuple(stop))
+    return params.validate(cap)
 
 
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -74,7 +118,10 @@ class Completion:
 
 
 class TextGenerator:
-    def __init__(self, model: OnnxModel):
+    """Decodes one request at a time on the calling thread; ``model`` is a repository handle (its
+    ``run_now`` runs the session outside the batcher, its folder holds the tokenizer)."""
+
+    def __init__(self, model: Any):
         from tokenizers import Tokenizer
 
         self.model = model
@@ -89,12 +136,12 @@ class TextGenerator:
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
         if len(prompt) > self.max_prompt_chars:
-            raise RequestError("prompt", f"{len(prompt)} characters; the limit is {self.max_prompt_chars}")
+            raise bad_request("prompt", f"{len(prompt)} characters; the limit is {self.max_prompt_chars}")
         ids = self.tokenizer.encode(prompt).ids if prompt else []
         if not ids:
             ids = [self.end_of_text]  # an empty prompt starts a fresh document
         if len(ids) + max_new_tokens > self.window:
-            raise RequestError("prompt", f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
+            raise bad_request("prompt", f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
                                          f"context window of {self.window} tokens")
         return ids
 
@@ -111,7 +158,7 @@ class TextGenerator:
         holdback = max((len(x) for x in params.stop), default=1) - 1
         text, finish = "", "length"
         for _ in range(params.max_new_tokens):
-            outputs = self.model.run({
+            outputs = self.model.run_now({
                 "input_ids": np.asarray([feed_ids], np.int64),
                 "position_ids": np.arange(position, position + len(feed_ids), dtype=np.int64)[None],
                 **past,

@@ -158,7 +158,7 @@ BIG_PNG = png_bytes(np.zeros((4100, 4100), np.uint8))  # 16.8 M pixels, over the
 @pytest.mark.parametrize("path, kwargs, status, field", [
     ("/classify", {"files": {"image": ("x.png", b"definitely not an image", "image/png")}}, 400, "image"),
     ("/classify", {"files": {"image": ("x.png", b"", "image/png")}}, 400, "image"),
-    ("/classify", {"data": {"top_k": "3"}}, 400, "image"),
+    ("/classify", {"data": {"top_k": "3"}}, 415, "image"),  # a urlencoded form cannot carry an image
     ("/classify", {"files": {"image": ("x.png", BIG_PNG, "image/png")}}, 413, "image"),
     ("/classify", {"files": {"image": ("x.png", digit_png()[0], "image/png")}, "data": {"top_k": "many"}}, 400, "top_k"),
     ("/segment", {"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")}}, 400, "image"),
@@ -176,7 +176,9 @@ BIG_PNG = png_bytes(np.zeros((4100, 4100), np.uint8))  # 16.8 M pixels, over the
 def test_bad_input_is_a_named_client_error(server, path, kwargs, status, field):
     r = requests.post(f"{server.url}{path}", timeout=60, **kwargs)
     assert r.status_code == status, r.text
-    assert field in r.text, r.text  # our errors: {"error", "field"}; type errors: pydantic's "loc"
+    body = r.json()
+    assert field in body["error"], body  # every error: {"error": ..., "field": ...}
+    assert body.get("field") in (field, "content-type"), body
     # the server keeps serving
     assert requests.post(f"{server.url}/sample", json={"n": 1, "seed": 0}, timeout=60).status_code == 200
 
@@ -206,3 +208,73 @@ def test_bentoml_build_offline(built_models, tmp_path):
     tag = result.stdout.strip().splitlines()[-1].replace("__tag__:", "")
     bento = bentoml.get(tag)
     assert {m.tag.name for m in bento.info.all_models} >= set(built_models)
+
+
+def test_raw_image_body_and_model_header(server):
+    png, label = digit_png(1720)
+    r = requests.post(f"{server.url}/classify?top_k=2", data=png, headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["class_id"] == label and len(r.json()["predictions"]) == 2
+    scene, _ = scene_png()
+    r = requests.post(f"{server.url}/segment", data=scene, headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-model"].startswith("segment:")
+    r = requests.post(f"{server.url}/sample", json={"n": 2}, timeout=60)
+    assert r.status_code == 200 and int(r.headers["x-seed"]) >= 0
+
+
+def test_concurrent_requests_each_get_their_own_answer(server):
+    """Requests stacked into shared batches still get their own rows back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.data import split_indices
+
+    _, heldout = split_indices(1797, 0.2, seed=0)
+    digits = [digit_png(int(i)) for i in heldout[:48]]
+
+    def classify(item):
+        png, _ = item
+        return requests.post(f"{server.url}/classify", data=png, headers={"Content-Type": "image/png"},
+                             timeout=60).json()["predictions"][0]["class_id"]
+
+    alone = [classify(d) for d in digits[:12]]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(classify, digits))
+    assert together[:12] == alone
+    assert sum(p == label for p, (_, label) in zip(together, digits)) >= 40
+
+
+def test_metrics_per_model(server):
+    requests.post(f"{server.url}/classify", data=digit_png()[0], headers={"Content-Type": "image/png"}, timeout=60)
+    requests.post(f"{server.url}/classify", data=b"junk", headers={"Content-Type": "image/png"}, timeout=60)
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    for line in ('suite_requests_total{model="classify",protocol="native",status="200"}',
+                 'suite_requests_total{model="classify",protocol="native",status="400"}',
+                 'suite_batch_size_count{model="classify"}', 'suite_inference_seconds_count{model="classify"}',
+                 'suite_queue_depth{model="classify"}'):
+        assert line in text, line
+
+
+@pytest.mark.parametrize("method, path, headers, body, status, field", [
+    ("POST", "/classify", {"Content-Type": "multipart/form-data"}, b"--x\r\n", 400, "content-type"),  # no boundary
+    ("POST", "/classify", {"Content-Type": "multipart/form-data; boundary=abc"}, b"--xyz\r\n\r\n--xyz--", 400, "body"),
+    ("POST", "/classify", {"Content-Type": "text/plain"}, b"hello", 415, "content-type"),
+    ("POST", "/generate", {"Content-Type": "application/json"}, b"{not json", 400, "body"),
+    ("POST", "/generate", {"Content-Type": "application/json"}, b'{"prompt": "a", "max_tokens": 3}', 400, "max_tokens"),
+    ("POST", "/sample", {"Content-Type": "text/plain"}, b"{}", 415, "content-type"),
+    ("GET", "/classify", {}, b"", 405, None),
+])
+def test_malformed_requests_are_json_4xx(server, method, path, headers, body, status, field):
+    r = requests.request(method, f"{server.url}{path}", headers=headers, data=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json().get("field") == field and "Traceback" not in r.text
+    assert requests.post(f"{server.url}/sample", json={"n": 1, "seed": 0}, timeout=60).status_code == 200
+
+
+def test_openapi_document_lists_every_route(server):
+    doc = requests.get(f"{server.url}/docs.json", timeout=30).json()
+    assert doc["openapi"].startswith("3.")
+    for path in ("/classify", "/segment", "/denoise", "/sample", "/generate", "/generate_stream", "/models",
+                 "/v2/models/{model}/infer"):
+        assert path in doc["paths"], path
+    n = doc["paths"]["/sample"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["n"]
+    assert n["maximum"] == 64  # read from the served model's contract

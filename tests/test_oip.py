@@ -35,11 +35,14 @@ def grpc(server):
 
 
 @pytest.fixture(scope="module")
-def hub(server):
+def repo(server):
     """Contracts read from the same store the server serves (the conftest's private BENTOML_HOME)."""
-    from services.runtime import ModelHub
+    from services.config import ServingConfig
+    from services.repository import ModelRepository
 
-    return ModelHub()
+    repository = ModelRepository(ServingConfig.load(environ={}, arguments={}))
+    repository.refresh()
+    return repository
 
 
 def both(http, grpc, model, tensors, outputs=None, version="", parameters=None, binary=True):
@@ -89,14 +92,14 @@ def test_health_and_server_metadata(server, http, grpc):
     assert g["name"] == meta["name"] and g["version"] == meta["version"]
 
 
-def test_model_metadata_from_contract(http, grpc, hub):
-    for name in hub.names:
-        stored = hub.describe(name)
-        c = stored.contract
+def test_model_metadata_from_contract(http, grpc, repo):
+    for name in repo.names:
+        stored = repo.stored(name)
+        c = repo.contract(name)
         rest = http.get_model_metadata(name)
         g = grpc.get_model_metadata(name, as_json=True)
         assert rest["platform"] == g["platform"] == "onnxruntime_onnx"
-        assert rest["versions"] == g["versions"] == hub.versions(name) and rest["versions"][0] == stored.version
+        assert rest["versions"] == g["versions"] == repo.versions(name) and rest["versions"][0] == stored.version
         expected = [{"name": t.name, "datatype": t.oip_datatype, "shape": t.shape} for t in c.inputs]
         extra_in = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}] if name == "generate" else []
         assert rest["inputs"] == expected + extra_in
@@ -109,10 +112,10 @@ def test_model_metadata_from_contract(http, grpc, hub):
 
 # ---- inference equals the native APIs ---------------------------------------------------------------
 
-def test_classify_batch_matches_native(server, http, grpc, hub):
+def test_classify_batch_matches_native(server, http, grpc, repo):
     from services.imaging import decode_image, to_model_input
 
-    spec = hub.describe("classify").contract.image
+    spec = repo.contract("classify").image
     pngs = [digit_png(i)[0] for i in (1700, 1710, 1720)]
     batch = np.concatenate([to_model_input(decode_image(p, "image", 10 ** 8), spec) for p in pngs])
     rest, g = both(http, grpc, "classify", {"image": batch})
@@ -128,12 +131,12 @@ def test_classify_batch_matches_native(server, http, grpc, hub):
         np.testing.assert_allclose([got[i] for i in range(10)], row, rtol=1e-5, atol=1e-6)
 
 
-def test_segment_matches_native(server, http, grpc, hub):
+def test_segment_matches_native(server, http, grpc, repo):
     from services.imaging import decode_image, to_model_input
 
     png, _ = scene_png()
     picture = decode_image(png, "image", 10 ** 8)
-    x = to_model_input(picture, hub.describe("segment").contract.image)
+    x = to_model_input(picture, repo.contract("segment").image)
     rest, g = both(http, grpc, "segment", {"image": x})
     mask = rest.as_numpy("mask")
     assert mask.dtype == np.int64 and mask.shape == (1, x.shape[2], x.shape[3])
@@ -157,11 +160,11 @@ def test_denoise_matches_native(server, http, grpc):
     assert np.abs(mine.astype(int) - native.astype(int)).max() <= 1
 
 
-def test_sample_matches_native_with_seed(server, http, grpc, hub):
+def test_sample_matches_native_with_seed(server, http, grpc, repo):
     from services.imaging import grid
 
     n, seed = 5, 11
-    c = hub.describe("sample").contract
+    c = repo.contract("sample")
     latent = np.random.default_rng(seed).standard_normal((n, c.input("latent").shape[1])).astype(np.float32)
     classes = (np.arange(n) % len(c.labels)).astype(np.int64)
     rest, g = both(http, grpc, "sample", {"latent": latent, "class_id": classes})
@@ -194,8 +197,8 @@ def test_generate_text_matches_native_with_seed(server, http, grpc):
             assert stop not in text and native["text"].startswith(text)
 
 
-def test_generate_tensors_rest_equals_grpc(http, grpc, hub):
-    c = hub.describe("generate").contract
+def test_generate_tensors_rest_equals_grpc(http, grpc, repo):
+    c = repo.contract("generate")
     feeds = {"input_ids": np.array([[1, 2, 3]], np.int64), "position_ids": np.array([[0, 1, 2]], np.int64)}
     for t in c.inputs:
         if t.name.startswith("past"):
@@ -207,8 +210,8 @@ def test_generate_tensors_rest_equals_grpc(http, grpc, hub):
     np.testing.assert_allclose(g.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
 
 
-def test_exact_version_addressing(http, grpc, hub):
-    version = hub.versions("denoise")[-1]
+def test_exact_version_addressing(http, grpc, repo):
+    version = repo.versions("denoise")[-1]
     feeds = {"noisy": np.zeros((1, 1, 16, 16), np.float32), "noise_level": np.zeros((1, 1), np.float32)}
     rest, g = both(http, grpc, "denoise", feeds, version=version)
     assert rest.get_response()["model_version"] == version == g.get_response().model_version

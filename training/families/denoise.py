@@ -136,6 +136,6 @@ class DenoiseFamily(Family):
                                f"sigma / 255, or {BLIND} for blind denoising")],
             outputs=[TensorSpec("denoised", "float32", [-1, 1, -1, -1], ["batch", "channel", "height", "width"])],
             image=ImageSpec(height=0, width=0, channels=1),
-            limits={"max_pixels": 4_000_000, "max_sigma": 100, "min_side": 8},
+            limits={"max_pixels": 4_000_000, "max_sigma": 100, "min_side": 8, "max_batch": 64},
             extra={"blind_level": BLIND, "trained_max_sigma": cfg.max_sigma},
         )

@@ -205,7 +205,7 @@ class GenerateFamily(Family):
                     TensorSpec("position_ids", "int64", [-1, -1], ["batch", "sequence"]), *past],
             outputs=[TensorSpec("logits", "float32", [-1, -1, cfg.vocab_size], ["batch", "sequence", "vocab"]), *present],
             limits={"max_new_tokens": cfg.max_new_tokens_cap, "context_window": cfg.n_positions,
-                    "max_prompt_chars": 20_000},
+                    "max_prompt_chars": 20_000, "max_batch": 64},
             extra={"tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT, "n_layer": cfg.n_layer,
                    "n_head": cfg.n_head, "head_dim": head_dim},
         )

@@ -1,0 +1,363 @@
+"""Serving benchmark: the suite against a hand-written FastAPI server, in one run on one machine.
+
+    python -m loadtest.bench_serving                   # what `make bench` runs (BENTOML_HOME: the models)
+    python -m loadtest.bench_serving --seconds 5 --connections 8,32
+
+Starts, on free loopback ports and one at a time:
+* the reference (``loadtest/reference_server.py``: FastAPI + uvicorn + ONNX Runtime, same model file,
+  same decode -> preprocess -> run -> top-k) with one worker, then with as many workers as the suite;
+* the suite (``bentoml serve``) with its default settings, then again with batching off.
+Drives each with the same load generator: ``wrk`` (HTTP/1.1, one thread) for HTTP and ``h2load``
+(HTTP/2) for gRPC, both C programs that cost the servers little CPU. Every row sends the same
+payload for its whole run: the 64x64 PNG digit (classify), the preprocessed 1x1x28x28 tensor
+(Open Inference Protocol), a 64x64 scene (segment), a 64x64 noisy photo at sigma 25 (denoise).
+Before each row one request is checked for content with a real client, and after it the server
+must still answer. Prints req/s, p50, p99 and errors per row, and the ratios to the references."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    grpc_port: int | None
+    process: subprocess.Popen
+    log_path: Path
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def wait_http(url: str, path: str, process: subprocess.Popen, log_path: Path, timeout: float = 240) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(url + path, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"not ready in {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def start(name: str, command: list[str], env: dict, ready_path: str, port: int, grpc_port: int | None,
+          workdir: Path, cwd: Path) -> Server:
+    log_path = workdir / f"{name.replace(' ', '_')}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = Server(name, f"http://127.0.0.1:{port}", grpc_port, process, log_path)
+    try:
+        wait_http(server.url, ready_path, process, log_path)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+def start_suite(env_overrides: dict, workdir: Path, suite_dir: Path) -> Server:
+    port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "SUITE_GRPC_PORT": str(grpc_port),
+           "SUITE_HTTP_PORT": str(port), **env_overrides}
+    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    label = "suite" + "".join(f" {k}={v}" for k, v in env_overrides.items())
+    return start(label, command, env, "/readyz", port, grpc_port, workdir, suite_dir)
+
+
+def start_reference(workers: int, model: Path, cores: int, workdir: Path) -> Server:
+    port = free_port()
+    env = {**os.environ, "REFERENCE_MODEL": str(model), "REFERENCE_THREADS": str(max(1, cores // workers))}
+    command = [sys.executable, "-m", "uvicorn", "loadtest.reference_server:app", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    return start(f"reference {workers}w", command, env, "/docs", port, None, workdir, REPO)
+
+
+# ---- payloads --------------------------------------------------------------------------------------
+
+BOUNDARY = "benchBoundary7MA4YWxkTrZu0gW"
+
+
+def multipart(image: bytes, **fields: str) -> tuple[bytes, str]:
+    body = b""
+    for name, value in fields.items():
+        body += f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    body += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+             f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def digit_tensor(png: bytes, contract) -> np.ndarray:
+    from services.imaging import decode_image, to_model_input
+
+    return to_model_input(decode_image(png, "image", 10 ** 8), contract.image)
+
+
+def oip_binary(x: np.ndarray) -> tuple[bytes, dict]:
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape),
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
+                                "Content-Type": "application/octet-stream"}
+
+
+def grpc_frame(x: np.ndarray) -> bytes:
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="classify")
+    request.inputs.add(name="image", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    message = request.SerializeToString()
+    return b"\0" + struct.pack(">I", len(message)) + message
+
+
+# ---- load generators -------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+def wrk(url: str, path: str, body: bytes, headers: dict, connections: int, seconds: float, workdir: Path) -> Result:
+    body_file = workdir / "body.bin"
+    body_file.write_bytes(body)
+    script = workdir / "post.lua"
+    lines = ['wrk.method = "POST"', f'local f = io.open("{body_file}", "rb")', "wrk.body = f:read('*all')", "f:close()"]
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    script.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "10s",
+                          "-s", str(script), url + path], capture_output=True, text=True, timeout=seconds + 60).stdout
+    return parse_wrk(out)
+
+
+def _ms(text: str) -> float:
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+    for unit in ("us", "ms", "s", "m"):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * units[unit]
+    return float(text)
+
+
+def parse_wrk(out: str) -> Result:
+    rps = p50 = p99 = float("nan")
+    requests = errors = 0
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            rps = float(words[1])
+        elif len(words) == 2 and words[0] == "50%":
+            p50 = _ms(words[1])
+        elif len(words) == 2 and words[0] == "99%":
+            p99 = _ms(words[1])
+        elif "requests in" in line:
+            requests = int(words[0])
+        elif line.strip().startswith("Non-2xx or 3xx responses:"):
+            errors += int(words[-1])
+        elif line.strip().startswith("Socket errors:"):
+            errors += sum(int(w.rstrip(",")) for w in words if w.rstrip(",").isdigit())
+    if np.isnan(rps):
+        raise RuntimeError(f"wrk printed no result:\n{out}")
+    return Result(rps, p50, p99, requests, errors)
+
+
+def h2load_grpc(port: int, frame: bytes, connections: int, seconds: float, workdir: Path) -> Result:
+    body_file, log_file = workdir / "grpc.bin", workdir / "h2load.log"
+    body_file.write_bytes(frame)
+    log_file.unlink(missing_ok=True)
+    out = subprocess.run(["h2load", "-t1", f"-c{connections}", "-m1", f"-D{seconds:g}", "--warm-up-time=1",
+                          "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                          f"--log-file={log_file}",
+                          f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    rows = [line.split("\t") for line in log_file.read_text().splitlines() if line.strip()]
+    # log columns: start time (us since the epoch), HTTP status, duration (us)
+    durations = np.array([int(r[2]) for r in rows]) / 1000
+    errors = sum(1 for r in rows if r[1] != "200")
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            words = line.replace(",", "").split()
+            errors += int(words[words.index("failed") - 1]) + int(words[words.index("errored") - 1])
+    window = (max(int(r[0]) + int(r[2]) for r in rows) - min(int(r[0]) for r in rows)) / 1e6 if rows else seconds
+    return Result(len(rows) / max(window, 1e-9), float(np.percentile(durations, 50)) if rows else float("nan"),
+                  float(np.percentile(durations, 99)) if rows else float("nan"), len(rows), errors)
+
+
+# ---- content checks -----------------------------------------------------------------------------------
+
+def check_classify(url: str, body: bytes, content_type: str, label: int) -> None:
+    import requests
+
+    r = requests.post(url + "/classify", data=body, headers={"Content-Type": content_type}, timeout=30)
+    r.raise_for_status()
+    assert r.json()["predictions"][0]["class_id"] == label, r.text
+
+
+def check_oip(url: str, grpc_port: int, x: np.ndarray, label: int) -> None:
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+
+    for module, address in ((thttp, url.removeprefix("http://")), (tgrpc, f"127.0.0.1:{grpc_port}")):
+        client = module.InferenceServerClient(address)
+        tensor = module.InferInput("image", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        assert int(client.infer("classify", [tensor]).as_numpy("probabilities").argmax()) == label
+        client.close()
+
+
+def check_png(url: str, path: str, body: bytes, content_type: str) -> None:
+    import requests
+
+    r = requests.post(url + path, data=body, headers={"Content-Type": content_type}, timeout=60)
+    r.raise_for_status()
+    assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG"), r.text[:200]
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per row and connection count")
+    parser.add_argument("--connections", default="8,32", help="comma-separated connection counts")
+    parser.add_argument("--suite-dir", type=Path, default=REPO, help="checkout whose service to start")
+    parser.add_argument("--only", default="", help="comma-separated row groups: reference,classify,oip,batching")
+    args = parser.parse_args(argv)
+    connections = [int(c) for c in args.connections.split(",")]
+    if not 0 < args.seconds <= 120 or not all(0 < c <= 512 for c in connections):
+        parser.error("--seconds in (0, 120], connections in (0, 512]")
+    missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
+    if missing:
+        parser.error(f"needs {missing} (Debian: apt-get install wrk nghttp2-client)")
+    groups = set(filter(None, args.only.split(","))) or {"reference", "classify", "oip", "batching"}
+
+    import bentoml
+
+    from loadtest.payloads import digit_png, photo_png, scene_png
+    from services.config import ServingConfig, available_cores
+    from services.runtime import read_contract
+
+    cores = available_cores()
+    suite_workers = ServingConfig.load(arguments={}).worker_count
+    model = Path(bentoml.models.get("classify").path) / "model.onnx"
+    contract = read_contract(model)
+    png, label = digit_png(1700)
+    classify_body, classify_type = multipart(png, top_k="5")
+    x = digit_tensor(png, contract)
+    oip_body, oip_headers = oip_binary(x)
+    frame = grpc_frame(x)
+    scene_body, scene_type = multipart(scene_png()[0])
+    photo_body, photo_type = multipart(photo_png(size=64)[0], sigma="25")
+
+    print(f"serving benchmark: {cores} cores, suite workers {suite_workers}, {args.seconds:g} s per row, "
+          f"connections {connections}; load: wrk -t1 (HTTP/1.1), h2load -t1 -m1 (gRPC over HTTP/2)")
+    print(f"model {model.parent.name} ({contract.architecture}); same machine for servers and load generator")
+    rows: list[tuple[str, int, Result]] = []
+
+    def row(name: str, c: int, result: Result) -> None:
+        rows.append((name, c, result))
+        print(f"  {name:<38} c={c:<3} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms"
+              f"  {result.requests:7d} requests  {result.errors} errors", flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    try:
+        if "reference" in groups:
+            for workers in sorted({1, suite_workers}):
+                ref = start_reference(workers, model, cores, workdir)
+                try:
+                    check_classify(ref.url, classify_body, classify_type, label)
+                    for c in connections:
+                        row(f"reference FastAPI {workers}w  /classify", c,
+                            wrk(ref.url, "/classify", classify_body, {"Content-Type": classify_type}, c, args.seconds, workdir))
+                    check_classify(ref.url, classify_body, classify_type, label)
+                finally:
+                    ref.stop()
+        for batching in (["true", "false"] if "batching" in groups else ["true"]):
+            if batching == "false" and not groups & {"batching"}:
+                continue
+            suite = start_suite({"SUITE_BATCHING": batching}, workdir, args.suite_dir)
+            try:
+                if batching == "true" and "classify" in groups:
+                    check_classify(suite.url, classify_body, classify_type, label)
+                    for c in connections:
+                        row("suite native /classify", c,
+                            wrk(suite.url, "/classify", classify_body, {"Content-Type": classify_type}, c, args.seconds, workdir))
+                if batching == "true" and "oip" in groups:
+                    check_oip(suite.url, suite.grpc_port, x, label)
+                    for c in connections:
+                        row("suite OIP REST binary classify", c,
+                            wrk(suite.url, "/v2/models/classify/infer", oip_body, oip_headers, c, args.seconds, workdir))
+                    for c in connections:
+                        row("suite OIP gRPC classify", c, h2load_grpc(suite.grpc_port, frame, c, args.seconds, workdir))
+                    check_oip(suite.url, suite.grpc_port, x, label)
+                if "batching" in groups:
+                    for path, body, ctype in (("/segment", scene_body, scene_type), ("/denoise", photo_body, photo_type)):
+                        check_png(suite.url, path, body, ctype)
+                        for c in connections:
+                            row(f"suite {path} batching={batching}", c,
+                                wrk(suite.url, path, body, {"Content-Type": ctype}, c, args.seconds, workdir))
+                        check_png(suite.url, path, body, ctype)
+            finally:
+                suite.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summarize(rows, suite_workers)
+    return 1 if any(r.errors for _, _, r in rows) else 0
+
+
+def summarize(rows: list[tuple[str, int, Result]], suite_workers: int) -> None:
+    by = {(name, c): r for name, c, r in rows}
+    ref1 = {c: r for (name, c), r in by.items() if name.startswith("reference FastAPI 1w")}
+    refn = {c: r for (name, c), r in by.items() if name.startswith(f"reference FastAPI {suite_workers}w")}
+    print()
+    print(f"| server and route | conns | req/s | p50 ms | p99 ms | errors | vs reference 1w | vs reference {suite_workers}w |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, c, r in rows:
+        ratio1 = f"{r.rps / ref1[c].rps:.2f}x" if c in ref1 else "-"
+        ration = f"{r.rps / refn[c].rps:.2f}x" if c in refn else "-"
+        print(f"| {name} | {c} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {ratio1} | {ration} |")
+    for path in ("/segment", "/denoise"):
+        for c in sorted({c for _, c, _ in rows}):
+            on, off = by.get((f"suite {path} batching=true", c)), by.get((f"suite {path} batching=false", c))
+            if on and off:
+                print(f"{path} c={c}: batching on / off = {on.rps / off.rps:.2f}x req/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Dynamic batching inside the serving process (Triton's dynamic batcher, in asyncio).
+
+Requests for one model version wait in a bounded queue; one runner task stacks the waiting
+requests whose inputs have the same per-row shape into one session run of at most
+``max_batch_size`` rows, runs it on a thread of its own (ONNX Runtime releases the GIL, so the
+event loop keeps accepting requests meanwhile) and hands each request its rows of the outputs.
+While a batch runs, the next one gathers: at low load a request runs at once, at high load the
+batches fill up. ``max_queue_delay`` makes an idle model wait that long for companions.
+
+Every input and output is batch-major (axis 0). A request may carry several rows. When a batch
+run fails, its requests are run again one by one, so one bad request never fails its companions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from services.errors import unavailable
+
+log = logging.getLogger("services.batching")
+Tensors = dict[str, np.ndarray]
+
+
+class BatchObserver(Protocol):
+    def queued(self, depth: int) -> None: ...
+
+    def ran(self, rows: int, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def queued(self, depth: int) -> None:
+        pass
+
+    def ran(self, rows: int, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class _Pending:
+    feeds: Tensors
+    rows: int
+    key: tuple  # requests with equal keys (names, per-row shapes, dtypes) stack
+    future: asyncio.Future = field(repr=False)
+
+
+def stack_key(feeds: Tensors) -> tuple:
+    return tuple((name, array.shape[1:], array.dtype.str) for name, array in sorted(feeds.items()))
+
+
+def batch_rows(feeds: Tensors) -> int:
+    rows = {array.shape[0] if array.ndim else 0 for array in feeds.values()}
+    if len(rows) != 1 or 0 in rows:
+        raise ValueError(f"inputs disagree on the batch axis or have none: {sorted(rows)}")
+    return rows.pop()
+
+
+class DynamicBatcher:
+    def __init__(self, name: str, run: Callable[[Tensors], Tensors], *, max_batch_size: int,
+                 max_queue_delay_s: float = 0.0, max_queue: int = 256, observer: BatchObserver | None = None):
+        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_queue_delay_s >= 0")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue = max_queue
+        self._run = run
+        self._observer = observer or _NoObserver()
+        self._queue: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        # One thread: one batch in flight per model per worker; the next batch gathers meanwhile.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, feeds: Tensors) -> Tensors:
+        """Queues one request (validated inputs, batch-major) and waits for its rows of the outputs.
+        Refused with 503 at once when ``max_queue`` requests are already waiting."""
+        if self._closed:
+            raise unavailable(None, f"model {self.name} is unloading", retry_after=1)
+        if len(self._queue) >= self.max_queue:
+            raise unavailable(None, f"model {self.name} has {len(self._queue)} requests waiting, the most it "
+                                    f"queues; retry later", retry_after=1)
+        loop = asyncio.get_running_loop()
+        if self._runner is None:
+            self._wakeup = asyncio.Event()
+            self._runner = loop.create_task(self._run_forever(), name=f"batcher-{self.name}")
+        future = loop.create_future()
+        self._queue.append(_Pending(feeds, batch_rows(feeds), stack_key(feeds), future))
+        self._observer.queued(len(self._queue))
+        self._wakeup.set()
+        return await future  # cancelled with the request: the runner skips it
+
+    async def close(self) -> None:
+        """Stops the runner; requests still waiting are refused with 503."""
+        self._closed = True
+        if self._runner is not None:
+            self._runner.cancel()
+            try:
+                await self._runner
+            except asyncio.CancelledError:
+                pass
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(unavailable(None, f"model {self.name} is unloading", retry_after=1))
+        self._executor.shutdown(wait=False)
+
+    # ---- the runner -------------------------------------------------------------------------------
+
+    async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.max_queue_delay_s > 0:
+                await self._gather(loop)
+            batch = self._take()
+            self._observer.queued(len(self._queue))
+            if batch:
+                await self._execute(loop, batch)
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Waits up to the delay for enough rows to fill a batch."""
+        deadline = loop.time() + self.max_queue_delay_s
+        while sum(item.rows for item in self._queue) < self.max_batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[_Pending]:
+        """The oldest live request plus every later one that stacks with it, up to the row limit;
+        the others keep their places."""
+        queue = self._queue
+        while queue and queue[0].future.done():  # cancelled while waiting
+            queue.popleft()
+        if not queue:
+            return []
+        first = queue.popleft()
+        batch, rows, kept = [first], first.rows, deque()
+        while queue and rows < self.max_batch_size:
+            item = queue.popleft()
+            if item.future.done():
+                continue
+            if item.key == first.key and rows + item.rows <= self.max_batch_size:
+                batch.append(item)
+                rows += item.rows
+            else:
+                kept.append(item)
+        kept.extend(queue)
+        self._queue = kept
+        return batch
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        if len(batch) == 1:
+            feeds = batch[0].feeds
+        else:
+            feeds = {name: np.concatenate([item.feeds[name] for item in batch]) for name in batch[0].feeds}
+        rows = sum(item.rows for item in batch)
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, feeds)
+        except Exception as exc:  # noqa: BLE001 - isolate the request that caused it
+            if len(batch) == 1:
+                _settle(batch[0], exc)
+                return
+            log.warning("%s: batch of %d requests failed (%s); running them one by one", self.name, len(batch), exc)
+            for item in batch:
+                await self._execute(loop, [item])
+            return
+        self._observer.ran(rows, time.perf_counter() - started)
+        start = 0
+        for item in batch:
+            end = start + item.rows
+            _settle(item, {name: out[start:end] for name, out in outputs.items()})
+            start = end
+
+
+def _settle(item: _Pending, result: Tensors | BaseException) -> None:
+    if item.future.done():  # the client went away
+        return
+    if isinstance(result, BaseException):
+        item.future.set_exception(result)
+    else:
+        item.future.set_result(result)
+
+
+class Unbatched:
+    """The same interface without batching: each request runs alone, concurrently on a thread pool,
+    with the same bound on waiting requests. What ``batching=false`` serves, for comparison."""
+
+    def __init__(self, name: str, run: Callable[[Tensors], Tensors], *, threads: int, max_queue: int = 256,
+                 observer: BatchObserver | None = None):
+        self.name = name
+        self.max_queue = max_queue
+        self._run = run
+        self._observer = observer or _NoObserver()
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"run-{name}")
+        self._waiting = 0
+
+    @property
+    def depth(self) -> int:
+        return self._waiting
+
+    async def submit(self, feeds: Tensors) -> Tensors:
+        if self._waiting >= self.max_queue:
+            raise unavailable(None, f"model {self.name} has {self._waiting} requests waiting, the most it queues; "
+                                    f"retry later", retry_after=1)
+        rows = batch_rows(feeds)
+        self._waiting += 1
+        self._observer.queued(self._waiting)
+        try:
+            started = time.perf_counter()
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, feeds)
+            self._observer.ran(rows, time.perf_counter() - started)
+            return outputs
+        finally:
+            self._waiting -= 1
+            self._observer.queued(self._waiting)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,120 @@
+"""Typed serving configuration: defaults in code, overridden by ``SUITE_<FIELD>`` environment
+variables (containers, Kubernetes), overridden in turn by ``bentoml serve --arg <field>=<value>``.
+
+    SUITE_WORKERS=1 bentoml serve                    # one worker process
+    bentoml serve --arg batching=false --arg max_queue_delay_ms=2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+FAMILIES = ("classify", "segment", "generate", "denoise", "sample")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    models: tuple[str, ...] = FAMILIES  # served model names (store names)
+    workers: int = 0  # HTTP/gRPC worker processes; 0 = one per available core
+    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = cores / workers
+    inter_op_threads: int = 1
+    providers: tuple[str, ...] = ()  # ONNX Runtime providers in order; empty = CUDA when usable, else CPU
+    batching: bool = True  # dynamic batching in process; false = every request runs alone
+    max_batch_size: int = 64  # rows per session run; also capped by each contract's max_batch
+    max_queue_delay_ms: float = 0.0  # how long a batch waits for companions once the model is idle
+    max_queue: int = 256  # requests waiting per model and worker; more are refused with 503
+    grpc_port: int = 9000  # Open Inference Protocol gRPC; 0 = no gRPC server
+    grpc_host: str = "0.0.0.0"
+    http_port: int = 3000
+    access_log: bool = False  # one log line per request (BentoML's access log); off like most production servers
+    tracing: bool = False  # BentoML's OpenTelemetry spans per request; turn on with a tracing exporter configured
+    bentoml_metrics: bool = False  # BentoML's per-path HTTP metrics too (the suite's per-model ones are always on)
+    keepalive_requests: int = 100  # a keep-alive connection closes after about this many requests (nginx's
+    #   keepalive_requests), so long-lived client connections spread over the workers; 0 = never
+    max_body_bytes: int = 64 * 1024 * 1024  # request bodies above this are refused with 413 before being read
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown --arg keys, reported
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or available_cores()
+
+    @property
+    def session_threads(self) -> int:
+        return self.intra_op_threads or max(1, available_cores() // self.worker_count)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, arguments: Mapping[str, Any] | None = None) -> "ServingConfig":
+        """Defaults <- SUITE_* environment <- ``bentoml serve --arg`` (the latter read from BentoML
+        when ``arguments`` is not given)."""
+        environ = os.environ if environ is None else environ
+        if arguments is None:
+            arguments = bento_arguments()
+        values: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        for name, f in fields.items():
+            raw = environ.get(f"SUITE_{name.upper()}")
+            if raw is not None and raw != "":
+                values[name] = parse_value(name, f.type, raw)
+        unknown = {}
+        for name, raw in arguments.items():
+            if name in fields:
+                values[name] = parse_value(name, fields[name].type, raw)
+            else:
+                unknown[name] = raw
+        config = cls(**values, extra=unknown)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        unknown = [m for m in self.models if m not in FAMILIES]
+        if unknown:
+            raise ValueError(f"models: unknown {unknown}; known: {list(FAMILIES)}")
+        for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "keepalive_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("inter_op_threads", "max_batch_size", "max_queue", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+def parse_value(name: str, kind: Any, raw: Any) -> Any:
+    """A string from the environment or the command line -> the field's type."""
+    kind = str(kind)
+    if not isinstance(raw, str):
+        return tuple(raw) if kind.startswith("tuple") and isinstance(raw, (list, tuple)) else raw
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return lowered in ("1", "true", "yes", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("tuple"):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return raw
+    except ValueError:
+        raise ValueError(f"{name}: cannot read {raw!r} as {kind}") from None
+
+
+def bento_arguments() -> dict[str, Any]:
+    """``bentoml serve --arg k=v`` values; empty outside a BentoML process."""
+    try:
+        import bentoml
+
+        return dict(vars(bentoml.use_arguments()))
+    except Exception:  # BentoML missing or not configured (unit tests, plain imports)
+        return {}

@@ -1,0 +1,244 @@
+"""The small ASGI layer under the HTTP front-ends: a request with a bounded body, endpoints that
+turn ``ServingError`` into ``{"error", "field"}`` JSON (and anything else into a 500 without a
+stack trace), per-model request metrics, and an app that BentoML mounts at ``/``.
+
+Why not Starlette's request/response machinery or BentoML's ``@bentoml.api``: on this hot path
+their per-request work (form parsing into temporary files, schema work, middleware layers) cost
+more CPU than the model. The app still is a Starlette instance so that BentoML's mount asks its
+routes before claiming a path (its own /livez, /readyz, /metrics and UI stay BentoML's)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette._utils import get_route_path  # how Starlette itself strips a mount prefix
+from starlette.routing import Match, Route
+
+from services.errors import ServingError, bad_request, too_large, unavailable
+
+log = logging.getLogger("services.frontends")
+JSON = b"application/json"
+
+
+class Request:
+    __slots__ = ("scope", "_receive", "max_body_bytes", "_headers", "_query", "_body")
+
+    def __init__(self, scope: dict, receive: Callable[[], Awaitable[dict]], max_body_bytes: int):
+        self.scope = scope
+        self._receive = receive
+        self.max_body_bytes = max_body_bytes
+        self._headers: dict[str, str] | None = None
+        self._query: dict[str, str] | None = None
+        self._body: bytes | None = None
+
+    @property
+    def method(self) -> str:
+        return self.scope["method"]
+
+    @property
+    def path_params(self) -> dict[str, str]:
+        return self.scope.get("path_params", {})
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.scope["headers"]}
+        return self._headers
+
+    @property
+    def query(self) -> dict[str, str]:
+        if self._query is None:
+            self._query = dict(parse_qsl(self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        return self._query
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+    async def body(self) -> bytes:
+        """The whole body; refused with 413 before reading when its declared length is over the
+        limit, and as soon as the bytes read pass it (chunked uploads)."""
+        if self._body is not None:
+            return self._body
+        declared = self.headers.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                raise bad_request("content-length", f"not an integer: {declared!r}") from None
+            if length > self.max_body_bytes:
+                raise too_large("body", f"{length} bytes; the limit is {self.max_body_bytes}")
+        chunks, size = [], 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise too_large("body", f"more than {self.max_body_bytes} bytes; the limit is {self.max_body_bytes}")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self._body
+
+    async def json(self) -> Any:
+        body = await self.body()
+        if not body.strip():
+            return {}
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad_request("body", f"not valid JSON: {exc}") from None
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request was read; nothing to answer."""
+
+
+class Response:
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, body: bytes, status: int = 200, content_type: bytes = JSON,
+                 headers: list[tuple[bytes, bytes]] | None = None):
+        self.status = status
+        self.body = body
+        self.headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+                        *(headers or ())]
+
+    async def send(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class StreamingResponse:
+    """Chunks from an async iterator of bytes (server-sent events)."""
+
+    def __init__(self, chunks, content_type: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None):
+        self.status = status
+        self.chunks = chunks
+        self.headers = [(b"content-type", content_type), *(headers or ())]
+
+    async def send(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        async for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def json_response(payload: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
+    return Response(json.dumps(payload).encode(), status, JSON, headers)
+
+
+def error_response(exc: ServingError) -> Response:
+    headers = [(b"retry-after", str(max(1, round(exc.retry_after))).encode())] if exc.retry_after else None
+    return json_response(exc.to_json(), exc.status, headers)
+
+
+Handler = Callable[[Request], Awaitable[Any]]
+
+
+class Endpoint:
+    """One route's ASGI app: method check, the handler, error mapping, request metrics. ``model``
+    names the model for metrics (a path parameter name prefixed with ':' or a fixed name)."""
+
+    def __init__(self, frontend: "HttpFrontend", handler: Handler, methods: tuple[str, ...], protocol: str,
+                 model: str | None):
+        self.frontend = frontend
+        self.handler = handler
+        self.methods = methods
+        self.protocol = protocol
+        self.model = model
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = time.perf_counter()
+        request = Request(scope, receive, self.frontend.max_body_bytes)
+        try:
+            if self.frontend.plane is None:
+                raise unavailable("server", "starting: models are not loaded yet", retry_after=1)
+            if scope["method"] not in self.methods:
+                response = json_response({"error": f"method {scope['method']} not allowed; use {' or '.join(self.methods)}"},
+                                         405, [(b"allow", ", ".join(self.methods).encode())])
+            else:
+                response = await self.handler(request)
+        except ServingError as exc:
+            response = error_response(exc)
+        except ClientGone:
+            return
+        except Exception:  # a JSON body clients can parse, and no stack trace in it
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            response = json_response({"error": "internal error; the server log has the details"}, 500)
+        self.frontend.count(self._model_label(scope), self.protocol, response.status, time.perf_counter() - started)
+        if self.frontend.close_probability and random.random() < self.frontend.close_probability:
+            response.headers.append((b"connection", b"close"))
+        await response.send(send)
+
+    def _model_label(self, scope) -> str | None:
+        if self.model and self.model.startswith(":"):
+            return scope.get("path_params", {}).get(self.model[1:])
+        return self.model
+
+
+class ExactRoute(Route):
+    """A route without path parameters, matched by string comparison instead of a regular expression
+    (BentoML's mount and the router each ask every route on every request)."""
+
+    def matches(self, scope) -> tuple[Match, dict]:
+        if scope["type"] == "http" and get_route_path(scope) == self.path:
+            return Match.FULL, {"endpoint": self.endpoint, "path_params": {}}
+        return Match.NONE, {}
+
+
+class HttpFrontend(Starlette):
+    """Routes of one or more HTTP front-ends over a data plane that is bound once the serving process
+    has built it (``bind``); until then every route answers 503."""
+
+    def __init__(self, max_body_bytes: int = 64 * 1024 * 1024):
+        super().__init__()
+        self.plane: Any = None
+        self.metrics: Any = None
+        self.max_body_bytes = max_body_bytes
+        self.close_probability = 0.0
+        self._exact: dict[str, Endpoint] = {}
+
+    def bind(self, plane: Any, metrics: Any = None, max_body_bytes: int | None = None,
+             keepalive_requests: int = 0) -> None:
+        """``keepalive_requests``: close a keep-alive connection after that many requests on average
+        (at random, so no per-connection state), which lets the kernel hand the reconnection to
+        whichever worker is least busy; 0 keeps connections open."""
+        self.plane, self.metrics = plane, metrics
+        if max_body_bytes:
+            self.max_body_bytes = max_body_bytes
+        self.close_probability = 1 / keepalive_requests if keepalive_requests else 0.0
+
+    def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
+              model: str | None = None) -> None:
+        endpoint = Endpoint(self, handler, methods, protocol, model)
+        if "{" in path:
+            self.router.routes.append(Route(path, endpoint))
+        else:
+            self.router.routes.append(ExactRoute(path, endpoint))
+            self._exact[path] = endpoint
+
+    def count(self, model: str | None, protocol: str, status: int, seconds: float) -> None:
+        if self.metrics is not None and model:
+            # Names from the URL are the client's: unknown ones share one label, so the series stay bounded.
+            known = model in self.plane.repository.names
+            self.metrics.request(model if known else "_unknown", protocol, status, seconds)
+
+    async def __call__(self, scope, receive, send) -> None:
+        # Straight to the endpoint (or the router for paths with parameters): endpoints handle their
+        # own errors, so Starlette's error and exception middleware layers would only add work.
+        endpoint = self._exact.get(get_route_path(scope)) if scope["type"] == "http" else None
+        if endpoint is not None:
+            await endpoint(scope, receive, send)
+        else:
+            await self.router(scope, receive, send)

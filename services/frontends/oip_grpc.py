@@ -1,0 +1,178 @@
+"""Open Inference Protocol v2 over gRPC: ``inference.GRPCInferenceService`` on its own port (9000 by
+default), a ``grpc.aio`` server in each worker's event loop over the data plane.
+
+The protocol is not restated here: messages and the servicer base are the generated modules that
+``tritonclient`` ships (built from Triton's ``grpc_service.proto``), so serving needs
+``tritonclient[grpc]``. Every worker binds the port with SO_REUSEPORT and the kernel spreads the
+connections over them.
+
+Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (typed
+``contents`` and ``raw_input_contents`` in; ``raw_output_contents`` out). The rest answers
+UNIMPLEMENTED (the generated servicer's default)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from services.errors import ServingError, bad_request
+from services.frontends.oip_codec import numpy_dtype, oip_datatype, tensor_from_list, tensor_from_raw, tensor_to_raw
+
+log = logging.getLogger("services.frontends.grpc")
+MAX_MESSAGE = 64 * 1024 * 1024
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+         415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
+
+# Typed ``InferTensorContents`` field per datatype (FP16 has none: raw only).
+CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+            "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+            "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+            "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def parameter_value(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    if not request.inputs:
+        raise bad_request("inputs", "must be a non-empty list of tensors")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise bad_request("raw_input_contents", f"{len(raw)} given for {len(request.inputs)} inputs; "
+                                                f"either all inputs are raw or none")
+    feeds = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in feeds:
+            raise bad_request(name, "input given twice")
+        if raw:
+            feeds[name] = tensor_from_raw(name, tensor.datatype, list(tensor.shape), raw[i])
+        else:
+            numpy_dtype(name, tensor.datatype)
+            field = CONTENTS.get(tensor.datatype)
+            if field is None:
+                raise bad_request(name, f"datatype {tensor.datatype} needs raw_input_contents")
+            feeds[name] = tensor_from_list(name, tensor.datatype, list(tensor.shape),
+                                           list(getattr(tensor.contents, field)))
+    return feeds
+
+
+def set_parameter(p: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    elif value is not None:
+        p.string_param = str(value)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: Any, metrics: Any = None):
+        self.plane = plane
+        self.metrics = metrics
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: ServingError):
+        await context.abort(CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.plane.ready())
+
+    async def ModelReady(self, request, context):
+        try:
+            return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version or None))
+        except ServingError as exc:
+            await self._fail(context, exc)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(**self.plane.server_metadata())
+
+    async def ModelMetadata(self, request, context):
+        try:
+            meta = self.plane.model_metadata(request.name, request.version or None)
+        except ServingError as exc:
+            await self._fail(context, exc)
+            return
+        tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in items]  # noqa: E731
+        return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                        inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))
+
+    async def ModelInfer(self, request, context):
+        status = 200
+        try:
+            feeds = decode_inputs(request)
+            params = {k: parameter_value(v) for k, v in request.parameters.items()}
+            requested = [o.name for o in request.outputs] or None
+            result = await self.plane.infer(request.model_name, request.model_version or None, feeds, params, requested)
+        except ServingError as exc:
+            status = exc.status
+            await self._fail(context, exc)
+            return
+        except Exception:
+            status = 500
+            log.exception("Open Inference Protocol gRPC ModelInfer failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+            return
+        finally:
+            if self.metrics is not None:
+                known = request.model_name in self.plane.repository.names
+                self.metrics.request(request.model_name if known else "_unknown", "oip_grpc", status)
+        response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=request.id)
+        for name, array in result.outputs.items():
+            response.outputs.add(name=name, datatype=oip_datatype(array.dtype), shape=list(array.shape))
+            response.raw_output_contents.append(tensor_to_raw(array))
+        for key, value in result.parameters.items():
+            set_parameter(response.parameters[key], value)
+        return response
+
+
+class GrpcFrontend:
+    """The gRPC server's lifecycle in one worker. A failed bind is logged at ERROR and reported
+    through the data plane's readiness (``/readyz`` and ``/v2/health/ready`` answer 503); it does
+    not raise, because a raising startup hook makes BentoML respawn the worker in a tight loop."""
+
+    def __init__(self, plane: Any, port: int, host: str = "0.0.0.0", metrics: Any = None):
+        self.plane = plane
+        self.port, self.host = port, host
+        self.metrics = metrics
+        self.server: grpc.aio.Server | None = None
+        self.error: str | None = "not started"
+        plane.add_readiness_check("grpc", lambda: self.error)
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1),  # every worker process serves the port
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane, self.metrics), server)
+        address = f"{self.host}:{self.port}"
+        try:
+            if not server.add_insecure_port(address):
+                raise RuntimeError(f"could not bind {address}")
+            await server.start()
+        except Exception as exc:  # noqa: BLE001 - reported through readiness, see the class note
+            self.error = f"gRPC server failed to start on {address}: {exc}"
+            log.error("%s -- is another program on the port? This worker stays up without gRPC and reports "
+                      "not ready.", self.error)
+            await server.stop(None)
+            return
+        self.server, self.error = server, None
+        log.info("Open Inference Protocol gRPC server listening on %s", address)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.error = "stopped"
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None

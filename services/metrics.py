@@ -1,0 +1,76 @@
+"""Per-model Prometheus metrics, exported on BentoML's ``/metrics`` beside its own.
+
+Created per worker after BentoML has set ``PROMETHEUS_MULTIPROC_DIR`` (never at import), so every
+worker's values reach the one ``/metrics`` page; the queue-depth gauge sums the live workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ServingMetrics:
+    def __init__(self, registry: Any = None):
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+        registry = REGISTRY if registry is None else registry
+        self.queue_depth = Gauge("suite_queue_depth", "Requests waiting for a session run, per model",
+                                 ["model"], multiprocess_mode="livesum", registry=registry)
+        self.batch_size = Histogram("suite_batch_size", "Rows per session run, per model", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=registry)
+        self.inference_seconds = Histogram("suite_inference_seconds", "Seconds per session run, per model",
+                                           ["model"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.requests = Counter("suite_requests", "Requests answered, per model, protocol and status",
+                                ["model", "protocol", "status"], registry=registry)
+        self.request_seconds = Histogram("suite_request_seconds", "Seconds from request to response, per model and protocol",
+                                         ["model", "protocol"], buckets=SECONDS_BUCKETS, registry=registry)
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._latency_children: dict[tuple[str, str], Any] = {}
+
+    def observer(self, model: str) -> "ModelObserver":
+        return ModelObserver(self, model)
+
+    def request(self, model: str, protocol: str, status: int, seconds: float | None = None) -> None:
+        key = (model, protocol, status)
+        child = self._request_children.get(key)
+        if child is None:  # label lookups cost more than the increment: keep the children
+            child = self._request_children[key] = self.requests.labels(model, protocol, str(status))
+        child.inc()
+        if seconds is not None:
+            latency = self._latency_children.get(key[:2])
+            if latency is None:
+                latency = self._latency_children[key[:2]] = self.request_seconds.labels(model, protocol)
+            latency.observe(seconds)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The Prometheus text page of every worker's metrics (BentoML runs workers in prometheus_client's
+    multiprocess mode and sets PROMETHEUS_MULTIPROC_DIR for them)."""
+    import os
+
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class ModelObserver:
+    """What a batcher reports for one model (labels resolved once)."""
+
+    def __init__(self, metrics: ServingMetrics, model: str):
+        self._depth = metrics.queue_depth.labels(model)
+        self._batch = metrics.batch_size.labels(model)
+        self._seconds = metrics.inference_seconds.labels(model)
+
+    def queued(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def ran(self, rows: int, seconds: float) -> None:
+        self._batch.observe(rows)
+        self._seconds.observe(seconds)

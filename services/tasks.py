@@ -1,0 +1,320 @@
+"""Task handlers, one per task: validate -> preprocess from the contract -> run -> postprocess.
+
+Each handler serves two kinds of request against a repository handle:
+* the task itself (``classify`` an uploaded image, ``generate`` text from a prompt, ...): what the
+  native HTTP API exposes; media in, media or JSON-ready results out;
+* raw tensors (``infer_tensors``): what the Open Inference Protocol exposes.
+Every limit of the contract is checked here, once, for both kinds and so for every protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+from PIL import Image
+
+from contract import ModelContract, TensorSpec
+from services.errors import bad_request, too_large
+from services.imaging import encode_png, grid, load_image, open_image, to_model_input
+from services.repository import ModelHandle
+from services.textgen import Chunk, Completion, SamplingParams, TextGenerator, parse_sampling
+
+Tensors = dict[str, np.ndarray]
+# Images up to this many pixels are decoded and encoded on the event loop: a thread hop costs more
+# than the work. Larger ones go to a thread so the loop keeps serving.
+INLINE_PIXELS = 256 * 256
+TOP_K_CAP = 100
+BYTES_DTYPE = np.dtype(object)
+
+
+async def cpu_work(pixels: int, fn, *args):
+    if pixels <= INLINE_PIXELS:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def read_image(data: bytes, contract: ModelContract, field: str = "image") -> Image.Image:
+    """Upload -> decoded picture, the contract's pixel and side limits checked before decoding."""
+    image = open_image(data, field, contract.limits["max_pixels"], contract.limits.get("min_side", 1))
+    return await cpu_work(image.width * image.height, load_image, image, field)
+
+
+def check_int(field: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise bad_request(field, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise bad_request(field, f"must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+@dataclass
+class TensorResult:
+    outputs: Tensors
+    parameters: dict[str, Any]
+
+
+class TaskHandler:
+    """The tensor path shared by every task: names, datatypes and shapes against the contract, then
+    the batch limit, then the task's own limits (``check_values``)."""
+
+    task = ""
+
+    def check_tensors(self, contract: ModelContract, feeds: Tensors) -> Tensors:
+        specs = {t.name: t for t in contract.inputs}
+        missing = [n for n in specs if n not in feeds]
+        if missing:
+            raise bad_request(missing[0], f"missing input tensor; {contract.name} needs {list(specs)}")
+        unknown = [n for n in feeds if n not in specs]
+        if unknown:
+            raise bad_request(unknown[0], f"unknown input tensor; {contract.name} takes {list(specs)}")
+        for name, array in feeds.items():
+            spec = specs[name]
+            if array.dtype != np.dtype(spec.dtype):
+                raise bad_request(name, f"datatype {spec_datatype(array.dtype)} given, {spec.oip_datatype} expected")
+            if not shape_matches(spec, array.shape):
+                raise bad_request(name, f"shape {list(array.shape)} does not match {spec.shape} "
+                                        f"({', '.join(spec.axis_names)})")
+        rows = {array.shape[0] for name, array in feeds.items() if specs[name].axis_names[:1] == ["batch"]}
+        if len(rows) > 1:
+            raise bad_request("inputs", f"inputs disagree on the batch size: {sorted(rows)}")
+        max_batch = contract.limits.get("max_batch") or contract.limits.get("max_n")
+        if rows and max_batch and next(iter(rows)) > max_batch:
+            raise bad_request(next(iter(feeds)), f"batch of {next(iter(rows))} rows; the limit is {max_batch}")
+        if rows and next(iter(rows)) == 0:
+            raise bad_request(next(iter(feeds)), "batch of 0 rows")
+        self.check_values(contract, feeds)
+        return feeds
+
+    def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
+        """Task limits on tensor contents and sizes (pixel counts, class ids, token ids)."""
+
+    async def infer_tensors(self, handle: ModelHandle, feeds: Tensors, parameters: Mapping[str, Any]) -> TensorResult:
+        outputs = await handle.infer(self.check_tensors(handle.contract, feeds))
+        return TensorResult(outputs, {})
+
+    def extra_tensors(self, contract: ModelContract) -> tuple[list[dict], list[dict]]:
+        """Inputs/outputs a task offers beyond the model's own (text in, text out), for metadata."""
+        return [], []
+
+
+def spec_datatype(dtype: np.dtype) -> str:
+    from contract import DTYPES
+
+    return DTYPES.get(np.dtype(dtype).name, str(dtype))
+
+
+def shape_matches(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
+    return len(shape) == len(spec.shape) and all(d < 0 or d == s for d, s in zip(spec.shape, shape))
+
+
+def check_image_tensor(contract: ModelContract, name: str, array: np.ndarray) -> None:
+    """(N, C, H, W) image tensors: the pixel limit counts every row, sides obey min_side/multiple_of."""
+    n, _, h, w = array.shape
+    limits = contract.limits
+    if "max_pixels" in limits and n * h * w > limits["max_pixels"]:
+        raise too_large(name, f"{n} x {h} x {w} = {n * h * w} pixels; the limit is {limits['max_pixels']}")
+    min_side = max(limits.get("min_side", 1), contract.image.multiple_of if contract.image else 1)
+    if min(h, w) < min_side:
+        raise bad_request(name, f"height and width must be at least {min_side}, got {h} x {w}")
+    multiple = contract.image.multiple_of if contract.image else 1
+    if h % multiple or w % multiple:
+        raise bad_request(name, f"height and width must be multiples of {multiple}, got {h} x {w}")
+
+
+# ---- image classification ----------------------------------------------------------------------------
+
+class ImageClassification(TaskHandler):
+    task = "classify"
+
+    async def classify(self, handle: ModelHandle, image: bytes, top_k: int = 5) -> dict:
+        c = handle.contract
+        top_k = check_int("top_k", top_k, 1, TOP_K_CAP)
+        picture = await read_image(image, c)
+        x = await cpu_work(picture.width * picture.height, to_model_input, picture, c.image)
+        probs = (await handle.infer({c.inputs[0].name: x}))[c.outputs[0].name][0]
+        order = np.argsort(-probs, kind="stable")[: min(top_k, probs.size)]
+        return {"model": handle.tag,
+                "predictions": [{"label": c.labels[i], "class_id": int(i), "probability": float(probs[i])}
+                                for i in order]}
+
+
+# ---- semantic segmentation ---------------------------------------------------------------------------
+
+class Segmentation(TaskHandler):
+    task = "segment"
+
+    def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
+        for spec in contract.inputs:
+            check_image_tensor(contract, spec.name, feeds[spec.name])
+
+    async def segment(self, handle: ModelHandle, image: bytes) -> bytes:
+        """-> PNG mask at the upload's size; pixel value = class id."""
+        c = handle.contract
+        picture = await read_image(image, c)
+        pixels = picture.width * picture.height
+        x = await cpu_work(pixels, to_model_input, picture, c.image)
+        mask = (await handle.infer({c.inputs[0].name: x}))[c.outputs[0].name][0]
+        return await cpu_work(pixels, _mask_png, mask, picture.size)
+
+
+def _mask_png(mask: np.ndarray, size: tuple[int, int]) -> bytes:
+    full = Image.fromarray(mask.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
+    return encode_png(np.asarray(full))
+
+
+# ---- image denoising ---------------------------------------------------------------------------------
+
+class Denoising(TaskHandler):
+    task = "denoise"
+
+    def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
+        noisy, level = contract.inputs[0].name, contract.inputs[1].name
+        check_image_tensor(contract, noisy, feeds[noisy])
+        levels = feeds[level]
+        blind, top = contract.extra["blind_level"], contract.limits["max_sigma"] / 255
+        ok = np.isclose(levels, blind) | ((levels >= 0) & (levels <= top))
+        if not ok.all():
+            raise bad_request(level, f"each value must be sigma/255 in [0, {top:.4f}] or {blind} (blind)")
+
+    def sigma_level(self, contract: ModelContract, sigma: float | None) -> float:
+        if sigma is None:
+            return contract.extra["blind_level"]
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not np.isfinite(sigma):
+            raise bad_request("sigma", f"must be a number, got {sigma!r}")
+        top = contract.limits["max_sigma"]
+        if not 0 <= sigma <= top:
+            raise bad_request("sigma", f"must be between 0 and {top} (0-255 scale), got {sigma:g}")
+        return sigma / 255.0
+
+    async def denoise(self, handle: ModelHandle, image: bytes, sigma: float | None = None) -> bytes:
+        """-> PNG of the same size and mode; colour is denoised channel by channel (one row each)."""
+        c = handle.contract
+        level = self.sigma_level(c, sigma)
+        picture = await read_image(image, c)
+        pixels = picture.width * picture.height
+        planes, rgb = await cpu_work(pixels, _planes, picture)
+        noisy, level_name = c.inputs[0].name, c.inputs[1].name
+        feeds = {noisy: planes, level_name: np.full((planes.shape[0], 1), level, np.float32)}
+        out = (await handle.infer(feeds))[c.outputs[0].name]
+        return await cpu_work(pixels, _denoised_png, out, rgb)
+
+
+def _planes(picture: Image.Image) -> tuple[np.ndarray, bool]:
+    rgb = picture.mode not in ("L", "I", "I;16", "F", "1")
+    pixels = np.asarray(picture.convert("RGB" if rgb else "L"), dtype=np.float32) / 255.0
+    planes = pixels.transpose(2, 0, 1) if rgb else pixels[None]
+    return np.ascontiguousarray(planes[:, None]), rgb  # (C, 1, H, W): one row per channel
+
+
+def _denoised_png(out: np.ndarray, rgb: bool) -> bytes:
+    out = (np.clip(out[:, 0], 0, 1) * 255 + 0.5).astype(np.uint8)
+    return encode_png(out.transpose(1, 2, 0) if rgb else out[0])
+
+
+# ---- image generation (GAN sampling) -----------------------------------------------------------------
+
+class ImageGeneration(TaskHandler):
+    task = "sample"
+
+    def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
+        for spec in contract.inputs:
+            if spec.name == "class_id":
+                ids = feeds[spec.name]
+                if ids.size and (ids.min() < 0 or ids.max() >= len(contract.labels)):
+                    raise bad_request(spec.name, f"class ids must be in 0..{len(contract.labels) - 1}")
+            elif spec.dtype == "float32" and not np.isfinite(feeds[spec.name]).all():
+                raise bad_request(spec.name, "values must be finite")
+
+    async def sample(self, handle: ModelHandle, n: int = 16, seed: int | None = None,
+                     class_id: int | None = None) -> tuple[bytes, int]:
+        """-> (PNG grid of n samples, 8 per row; the seed used). Same seed, same images."""
+        c = handle.contract
+        n = check_int("n", n, 1, c.limits["max_n"])
+        if class_id is not None:
+            class_id = check_int("class_id", class_id, 0, len(c.labels) - 1)
+        seed = secrets.randbits(63) if seed is None else check_int("seed", seed, 0, 2 ** 63 - 1)
+        rng = np.random.default_rng(seed)
+        latent = rng.standard_normal((n, c.input("latent").shape[1])).astype(np.float32)
+        classes = (np.full(n, class_id) if class_id is not None else np.arange(n) % len(c.labels)).astype(np.int64)
+        images = (await handle.infer({"latent": latent, "class_id": classes}))[c.outputs[0].name][:, 0]
+        return encode_png(grid((np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8), columns=min(n, 8))), seed
+
+
+# ---- text generation ---------------------------------------------------------------------------------
+
+TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
+
+
+class TextGeneration(TaskHandler):
+    """Text in, text out (native /generate, /generate_stream, OIP ``text_input``), or the decoder's
+    own tensors on the Open Inference Protocol."""
+
+    task = "generate"
+
+    def generator(self, handle: ModelHandle) -> TextGenerator:
+        if "text" not in handle.state:  # the tokenizer is read once per loaded version
+            handle.state["text"] = TextGenerator(handle)
+        return handle.state["text"]
+
+    def sampling(self, handle: ModelHandle, values: Mapping[str, Any]) -> SamplingParams:
+        return parse_sampling(values, handle.contract.limits["max_new_tokens"])
+
+    def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
+        vocab = contract.output("logits").shape[-1]
+        ids = feeds["input_ids"]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise bad_request("input_ids", f"token ids must be in 0..{vocab - 1}")
+        window = contract.limits["context_window"]
+        past = next((a.shape[2] for n, a in feeds.items() if n.startswith("past")), 0)
+        if past + ids.shape[1] > window:
+            raise bad_request("input_ids", f"{past} past + {ids.shape[1]} new positions exceed the context window "
+                                           f"of {window}")
+        positions = feeds["position_ids"]
+        if positions.size and (positions.min() < 0 or positions.max() >= window):
+            raise bad_request("position_ids", f"positions must be in 0..{window - 1}")
+        caches = {a.shape[2] for n, a in feeds.items() if n.startswith("past")}
+        if len(caches) > 1:
+            raise bad_request("past", f"cache tensors disagree on the past length: {sorted(caches)}")
+
+    async def complete(self, handle: ModelHandle, prompt: str, params: SamplingParams) -> Completion:
+        generator = self.generator(handle)
+        return await asyncio.get_running_loop().run_in_executor(None, generator.complete, prompt, params)
+
+    def stream(self, handle: ModelHandle, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+        """A blocking iterator of chunks; the caller steps it off the event loop."""
+        return self.generator(handle).stream(prompt, params)
+
+    def extra_tensors(self, contract: ModelContract) -> tuple[list[dict], list[dict]]:
+        return ([{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [1]}],
+                [{"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [1]}])
+
+    async def infer_tensors(self, handle: ModelHandle, feeds: Tensors, parameters: Mapping[str, Any]) -> TensorResult:
+        if TEXT_INPUT not in feeds:
+            return await super().infer_tensors(handle, feeds, parameters)
+        extra = [n for n in feeds if n != TEXT_INPUT]
+        if extra:
+            raise bad_request(extra[0], f"{TEXT_INPUT} is used alone; do not send model tensors with it")
+        tensor = feeds[TEXT_INPUT]
+        if tensor.dtype != BYTES_DTYPE:
+            raise bad_request(TEXT_INPUT, f"datatype {spec_datatype(tensor.dtype)} given, BYTES expected")
+        if tensor.shape not in ((1,), (1, 1)):
+            raise bad_request(TEXT_INPUT, f"shape {list(tensor.shape)} given, [1] or [1, 1] expected")
+        try:
+            prompt = bytes(tensor.ravel()[0]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request(TEXT_INPUT, "prompt is not valid UTF-8") from None
+        params = self.sampling(handle, parameters)
+        done = await self.complete(handle, prompt, params)
+        text = np.empty(tensor.shape, dtype=object)
+        text.ravel()[0] = done.text.encode("utf-8")
+        return TensorResult({TEXT_OUTPUT: text}, {"finish_reason": done.finish_reason, "seed": params.seed,
+                                                  "prompt_tokens": done.prompt_tokens,
+                                                  "completion_tokens": done.completion_tokens})
+
+
+HANDLERS: dict[str, type[TaskHandler]] = {h.task: h for h in (ImageClassification, Segmentation, Denoising,
+                                                                ImageGeneration, TextGeneration)}
+

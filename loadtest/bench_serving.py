@@ -253,18 +253,21 @@ def check_png(url: str, path: str, body: bytes, content_type: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0, help="per row and connection count")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the row shows the median run by req/s")
     parser.add_argument("--connections", default="8,32", help="comma-separated connection counts")
     parser.add_argument("--suite-dir", type=Path, default=REPO, help="checkout whose service to start")
     parser.add_argument("--only", default="", help="comma-separated row groups: reference,classify,oip,batching")
     args = parser.parse_args(argv)
     connections = [int(c) for c in args.connections.split(",")]
-    if not 0 < args.seconds <= 120 or not all(0 < c <= 512 for c in connections):
-        parser.error("--seconds in (0, 120], connections in (0, 512]")
+    if not 0 < args.seconds <= 120 or not all(0 < c <= 512 for c in connections) or not 1 <= args.repeats <= 9:
+        parser.error("--seconds in (0, 120], connections in (0, 512], --repeats in 1..9")
     missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
     if missing:
         parser.error(f"needs {missing} (Debian: apt-get install wrk nghttp2-client)")
     groups = set(filter(None, args.only.split(","))) or {"reference", "classify", "oip", "batching"}
+    os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))  # the Makefile's store
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
     import bentoml
 
@@ -284,12 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     scene_body, scene_type = multipart(scene_png()[0])
     photo_body, photo_type = multipart(photo_png(size=64)[0], sigma="25")
 
-    print(f"serving benchmark: {cores} cores, suite workers {suite_workers}, {args.seconds:g} s per row, "
-          f"connections {connections}; load: wrk -t1 (HTTP/1.1), h2load -t1 -m1 (gRPC over HTTP/2)")
+    print(f"serving benchmark: {cores} cores, suite workers {suite_workers}, {args.repeats} runs of {args.seconds:g} s "
+          f"per row (median shown), connections {connections}; load: wrk -t1 (HTTP/1.1), h2load -t1 -m1 (gRPC, HTTP/2)")
     print(f"model {model.parent.name} ({contract.architecture}); same machine for servers and load generator")
     rows: list[tuple[str, int, Result]] = []
 
-    def row(name: str, c: int, result: Result) -> None:
+    def row(name: str, c: int, measure) -> None:
+        runs = sorted((measure() for _ in range(args.repeats)), key=lambda r: r.rps)
+        result = runs[len(runs) // 2]
+        result.errors = sum(r.errors for r in runs)
         rows.append((name, c, result))
         print(f"  {name:<38} c={c:<3} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms"
               f"  {result.requests:7d} requests  {result.errors} errors", flush=True)
@@ -302,35 +308,35 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     check_classify(ref.url, classify_body, classify_type, label)
                     for c in connections:
-                        row(f"reference FastAPI {workers}w  /classify", c,
-                            wrk(ref.url, "/classify", classify_body, {"Content-Type": classify_type}, c, args.seconds, workdir))
+                        row(f"reference FastAPI {workers}w /classify", c, lambda: wrk(
+                            ref.url, "/classify", classify_body, {"Content-Type": classify_type}, c, args.seconds, workdir))
                     check_classify(ref.url, classify_body, classify_type, label)
                 finally:
                     ref.stop()
-        for batching in (["true", "false"] if "batching" in groups else ["true"]):
-            if batching == "false" and not groups & {"batching"}:
+        for batching, wanted in (("true", groups & {"classify", "oip", "batching"}), ("false", groups & {"batching"})):
+            if not wanted:
                 continue
             suite = start_suite({"SUITE_BATCHING": batching}, workdir, args.suite_dir)
             try:
                 if batching == "true" and "classify" in groups:
                     check_classify(suite.url, classify_body, classify_type, label)
                     for c in connections:
-                        row("suite native /classify", c,
-                            wrk(suite.url, "/classify", classify_body, {"Content-Type": classify_type}, c, args.seconds, workdir))
+                        row("suite native /classify", c, lambda: wrk(
+                            suite.url, "/classify", classify_body, {"Content-Type": classify_type}, c, args.seconds, workdir))
                 if batching == "true" and "oip" in groups:
                     check_oip(suite.url, suite.grpc_port, x, label)
                     for c in connections:
-                        row("suite OIP REST binary classify", c,
-                            wrk(suite.url, "/v2/models/classify/infer", oip_body, oip_headers, c, args.seconds, workdir))
+                        row("suite OIP REST binary classify", c, lambda: wrk(
+                            suite.url, "/v2/models/classify/infer", oip_body, oip_headers, c, args.seconds, workdir))
                     for c in connections:
-                        row("suite OIP gRPC classify", c, h2load_grpc(suite.grpc_port, frame, c, args.seconds, workdir))
+                        row("suite OIP gRPC classify", c, lambda: h2load_grpc(suite.grpc_port, frame, c, args.seconds, workdir))
                     check_oip(suite.url, suite.grpc_port, x, label)
                 if "batching" in groups:
                     for path, body, ctype in (("/segment", scene_body, scene_type), ("/denoise", photo_body, photo_type)):
                         check_png(suite.url, path, body, ctype)
                         for c in connections:
-                            row(f"suite {path} batching={batching}", c,
-                                wrk(suite.url, path, body, {"Content-Type": ctype}, c, args.seconds, workdir))
+                            row(f"suite {path} batching={batching}", c, lambda: wrk(
+                                suite.url, path, body, {"Content-Type": ctype}, c, args.seconds, workdir))
                         check_png(suite.url, path, body, ctype)
             finally:
                 suite.stop()
@@ -343,14 +349,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(rows: list[tuple[str, int, Result]], suite_workers: int) -> None:
     by = {(name, c): r for name, c, r in rows}
-    ref1 = {c: r for (name, c), r in by.items() if name.startswith("reference FastAPI 1w")}
-    refn = {c: r for (name, c), r in by.items() if name.startswith(f"reference FastAPI {suite_workers}w")}
+    ref1 = {c: r for (name, c), r in by.items() if name.startswith("reference FastAPI 1w ")}
+    refn = {c: r for (name, c), r in by.items() if name.startswith(f"reference FastAPI {suite_workers}w ")}
     print()
     print(f"| server and route | conns | req/s | p50 ms | p99 ms | errors | vs reference 1w | vs reference {suite_workers}w |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, c, r in rows:
-        ratio1 = f"{r.rps / ref1[c].rps:.2f}x" if c in ref1 else "-"
-        ration = f"{r.rps / refn[c].rps:.2f}x" if c in refn else "-"
+        same_work = "classify" in name  # the references only classify
+        ratio1 = f"{r.rps / ref1[c].rps:.2f}x" if same_work and c in ref1 else "-"
+        ration = f"{r.rps / refn[c].rps:.2f}x" if same_work and c in refn else "-"
         print(f"| {name} | {c} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {ratio1} | {ration} |")
     for path in ("/segment", "/denoise"):
         for c in sorted({c for _, c, _ in rows}):

@@ -6,8 +6,8 @@ is the same), run ONNX Runtime, answer the top-k as JSON. Started by ``loadtest/
 
     REFERENCE_MODEL=/path/to/model.onnx uvicorn loadtest.reference_server:app --workers 1 --no-access-log
 
-It uses the same ONNX Runtime settings as the suite (threads = cores / workers, no spinning) so that
-the comparison measures the serving stack, not the session options."""
+It uses the same ONNX Runtime settings as the suite's sessions (cores / workers threads, no spinning)
+so that the comparison measures the serving stack, not the session options."""
 
 from __future__ import annotations
 

@@ -63,9 +63,10 @@ def batch_rows(feeds: Tensors) -> int:
 
 class DynamicBatcher:
     def __init__(self, name: str, run: Callable[[Tensors], Tensors], *, max_batch_size: int,
-                 max_queue_delay_s: float = 0.0, max_queue: int = 256, observer: BatchObserver | None = None):
-        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_queue_delay_s >= 0")
+                 max_queue_delay_s: float = 0.0, max_queue: int = 256, concurrency: int = 1,
+                 observer: BatchObserver | None = None):
+        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_s < 0 or concurrency < 1:
+            raise ValueError("max_batch_size, max_queue and concurrency must be >= 1, max_queue_delay_s >= 0")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -75,9 +76,10 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
-        # One thread: one batch in flight per model per worker; the next batch gathers meanwhile.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+        # ``concurrency`` batches in flight per model and worker (one thread each); the next gathers meanwhile.
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix=f"batch-{name}")
         self._closed = False
+        self.concurrency = concurrency
 
     @property
     def depth(self) -> int:
@@ -120,16 +122,27 @@ class DynamicBatcher:
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self.max_queue_delay_s > 0:
-                await self._gather(loop)
-            batch = self._take()
-            self._observer.queued(len(self._queue))
-            if batch:
-                await self._execute(loop, batch)
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task] = set()
+        try:
+            while True:
+                while not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                await slots.acquire()  # while every slot is busy, the queue keeps filling
+                if self.max_queue_delay_s > 0:
+                    await self._gather(loop)
+                batch = self._take()
+                self._observer.queued(len(self._queue))
+                if not batch:
+                    slots.release()
+                    continue
+                task = loop.create_task(self._execute(loop, batch))
+                running.add(task)
+                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        finally:
+            for task in running:
+                task.cancel()
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
         """Waits up to the delay for enough rows to fill a batch."""

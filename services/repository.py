@@ -216,6 +216,6 @@ class ModelRepository:
             cap = contract.limits.get("max_batch") or contract.limits.get("max_n") or config.max_batch_size
             return DynamicBatcher(stored.tag, session.run, max_batch_size=min(cap, config.max_batch_size),
                                   max_queue_delay_s=config.max_queue_delay_ms / 1000, max_queue=config.max_queue,
-                                  observer=observer)
+                                  concurrency=config.batch_concurrency, observer=observer)
         return Unbatched(stored.tag, session.run, threads=max(2, available_cores()), max_queue=config.max_queue,
                          observer=observer)

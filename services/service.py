@@ -16,6 +16,7 @@ import os
 
 import bentoml
 
+from services.bentoml_fixes import cancel_request_timers
 from services.config import ServingConfig
 from services.dataplane import DataPlane
 from services.frontends.asgi import HttpFrontend
@@ -63,6 +64,7 @@ class Suite:
     def __init__(self) -> None:
         if CONFIG.extra:
             log.warning("ignoring unknown --arg keys %s", sorted(CONFIG.extra))
+        cancel_request_timers()  # before the first request; see services/bentoml_fixes.py
         self.metrics = ServingMetrics()
         self.repository = ModelRepository(CONFIG, observer_for=self.metrics.observer)
         self.repository.load_newest()

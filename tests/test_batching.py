@@ -19,11 +19,13 @@ class Recorder:
 
     def __init__(self, delay: float = 0.0):
         self.batches: list[int] = []
+        self.entered = 0
         self.delay = delay
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, feeds):
+        self.entered += 1
         self.gate.wait(5)
         x = feeds["x"]
         if np.isnan(x).any():
@@ -224,6 +226,24 @@ def test_close_refuses_waiting_requests():
 
     error = run(main())
     assert isinstance(error, ServingError) and error.status == 503
+
+
+def test_concurrency_runs_batches_side_by_side():
+    async def main():
+        model = Recorder()
+        batcher = DynamicBatcher("m", model, max_batch_size=2, concurrency=2)
+        model.gate.clear()
+        futures = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(5)]
+        await asyncio.sleep(0.1)
+        in_flight = model.entered  # both slots busy, the rest waits in the queue
+        model.gate.set()
+        results = await asyncio.gather(*futures)
+        await batcher.close()
+        return model, in_flight, results
+
+    model, in_flight, results = run(main())
+    assert in_flight == 2 and sum(model.batches) == 5 and max(model.batches) <= 2
+    assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(5)]
 
 
 def test_unbatched_runs_each_request_alone():

@@ -236,11 +236,11 @@ def test_concurrent_requests_each_get_their_own_answer(server):
         return requests.post(f"{server.url}/classify", data=png, headers={"Content-Type": "image/png"},
                              timeout=60).json()["predictions"][0]["class_id"]
 
-    alone = [classify(d) for d in digits[:12]]
+    alone = [classify(d) for d in digits]
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(classify, digits))
-    assert together[:12] == alone
-    assert sum(p == label for p, (_, label) in zip(together, digits)) >= 40
+    assert together == alone
+    assert sum(p == label for p, (_, label) in zip(together, digits)) >= 36
 
 
 def test_metrics_per_model(server):

@@ -92,3 +92,8 @@ class ModelContract:
 
     def output(self, name: str) -> TensorSpec:
         return next(t for t in self.outputs if t.name == name)
+
+    @property
+    def max_batch(self) -> int | None:
+        """Rows one request may carry (a generator's ``max_n`` is its batch), None = no limit."""
+        return self.limits.get("max_batch") or self.limits.get("max_n")

@@ -20,73 +20,18 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from loadtest.servers import Server, free_port, start_server
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    name: str
-    url: str
-    grpc_port: int | None
-    process: subprocess.Popen
-    log_path: Path
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def wait_http(url: str, path: str, process: subprocess.Popen, log_path: Path, timeout: float = 240) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(url + path, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"not ready in {timeout}s:\n{log_path.read_text()[-3000:]}")
-
-
-def start(name: str, command: list[str], env: dict, ready_path: str, port: int, grpc_port: int | None,
-          workdir: Path, cwd: Path) -> Server:
-    log_path = workdir / f"{name.replace(' ', '_')}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    server = Server(name, f"http://127.0.0.1:{port}", grpc_port, process, log_path)
-    try:
-        wait_http(server.url, ready_path, process, log_path)
-    except Exception:
-        server.stop()
-        raise
-    return server
 
 
 def start_suite(env_overrides: dict, workdir: Path, suite_dir: Path) -> Server:
@@ -94,8 +39,8 @@ def start_suite(env_overrides: dict, workdir: Path, suite_dir: Path) -> Server:
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "SUITE_GRPC_PORT": str(grpc_port),
            "SUITE_HTTP_PORT": str(port), **env_overrides}
     command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    label = "suite" + "".join(f" {k}={v}" for k, v in env_overrides.items())
-    return start(label, command, env, "/readyz", port, grpc_port, workdir, suite_dir)
+    label = "suite" + "".join(f"_{k}={v}" for k, v in env_overrides.items())
+    return start_server(command, port=port, grpc_port=grpc_port, env=env, cwd=suite_dir, log_path=workdir / f"{label}.log")
 
 
 def start_reference(workers: int, model: Path, cores: int, workdir: Path) -> Server:
@@ -103,7 +48,8 @@ def start_reference(workers: int, model: Path, cores: int, workdir: Path) -> Ser
     env = {**os.environ, "REFERENCE_MODEL": str(model), "REFERENCE_THREADS": str(max(1, cores // workers))}
     command = [sys.executable, "-m", "uvicorn", "loadtest.reference_server:app", "--host", "127.0.0.1",
                "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
-    return start(f"reference {workers}w", command, env, "/docs", port, None, workdir, REPO)
+    return start_server(command, port=port, env=env, cwd=REPO, ready_path="/docs",
+                        log_path=workdir / f"reference_{workers}w.log")
 
 
 # ---- payloads --------------------------------------------------------------------------------------

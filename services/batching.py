@@ -8,7 +8,9 @@ While a batch runs, the next one gathers: at low load a request runs at once, at
 batches fill up. ``max_queue_delay`` makes an idle model wait that long for companions.
 
 Every input and output is batch-major (axis 0). A request may carry several rows. When a batch
-run fails, its requests are run again one by one, so one bad request never fails its companions."""
+run fails, its requests are run again one by one, so one bad request never fails its companions.
+With ``max_batch_size=1`` every request runs alone, ``concurrency`` of them at a time: what
+``batching=false`` serves, for comparison."""
 
 from __future__ import annotations
 
@@ -80,10 +82,6 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix=f"batch-{name}")
         self._closed = False
         self.concurrency = concurrency
-
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
 
     async def submit(self, feeds: Tensors) -> Tensors:
         """Queues one request (validated inputs, batch-major) and waits for its rows of the outputs.
@@ -212,40 +210,3 @@ def _settle(item: _Pending, result: Tensors | BaseException) -> None:
         item.future.set_exception(result)
     else:
         item.future.set_result(result)
-
-
-class Unbatched:
-    """The same interface without batching: each request runs alone, concurrently on a thread pool,
-    with the same bound on waiting requests. What ``batching=false`` serves, for comparison."""
-
-    def __init__(self, name: str, run: Callable[[Tensors], Tensors], *, threads: int, max_queue: int = 256,
-                 observer: BatchObserver | None = None):
-        self.name = name
-        self.max_queue = max_queue
-        self._run = run
-        self._observer = observer or _NoObserver()
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"run-{name}")
-        self._waiting = 0
-
-    @property
-    def depth(self) -> int:
-        return self._waiting
-
-    async def submit(self, feeds: Tensors) -> Tensors:
-        if self._waiting >= self.max_queue:
-            raise unavailable(None, f"model {self.name} has {self._waiting} requests waiting, the most it queues; "
-                                    f"retry later", retry_after=1)
-        rows = batch_rows(feeds)
-        self._waiting += 1
-        self._observer.queued(self._waiting)
-        try:
-            started = time.perf_counter()
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, feeds)
-            self._observer.ran(rows, time.perf_counter() - started)
-            return outputs
-        finally:
-            self._waiting -= 1
-            self._observer.queued(self._waiting)
-
-    async def close(self) -> None:
-        self._executor.shutdown(wait=False)

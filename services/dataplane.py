@@ -50,7 +50,7 @@ class DataPlane:
         self.repository = repository
         self.server_version = server_version
         self._readiness: dict[str, Callable[[], str | None]] = {}
-        self._handlers: dict[str, TaskHandler] = {}
+        self._handlers: dict[str, TaskHandler] = {family: kind() for family, kind in HANDLERS.items()}
 
     # ---- health ----------------------------------------------------------------------------------
 
@@ -171,11 +171,10 @@ class DataPlane:
     # ---- helpers ---------------------------------------------------------------------------------
 
     def handler(self, family: str) -> TaskHandler:
-        if family not in self._handlers:
-            if family not in HANDLERS:
-                raise ServingError("model", f"no task handler for family {family!r}", 500)
-            self._handlers[family] = HANDLERS[family]()
-        return self._handlers[family]
+        try:
+            return self._handlers[family]
+        except KeyError:
+            raise ServingError("model", f"no task handler for family {family!r}", 500) from None
 
     async def _task(self, kind: type[TaskHandler], model: str | None) -> tuple[Any, ModelHandle]:
         name = model or kind.task

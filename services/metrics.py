@@ -1,4 +1,4 @@
-"""Per-model Prometheus metrics, exported on BentoML's ``/metrics`` beside its own.
+"""Per-model Prometheus metrics, exported on the suite's ``/metrics``.
 
 Created per worker after BentoML has set ``PROMETHEUS_MULTIPROC_DIR`` (never at import), so every
 worker's values reach the one ``/metrics`` page; the queue-depth gauge sums the live workers."""
@@ -12,7 +12,10 @@ SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class ServingMetrics:
-    def __init__(self, registry: Any = None):
+    """``models``: the served names. Request counts for any other name (a client's typo in a URL)
+    share the label ``_unknown``, so the number of series stays bounded."""
+
+    def __init__(self, models: tuple[str, ...], registry: Any = None):
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         registry = REGISTRY if registry is None else registry
@@ -26,6 +29,7 @@ class ServingMetrics:
                                 ["model", "protocol", "status"], registry=registry)
         self.request_seconds = Histogram("suite_request_seconds", "Seconds from request to response, per model and protocol",
                                          ["model", "protocol"], buckets=SECONDS_BUCKETS, registry=registry)
+        self._models = frozenset(models)
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
 
@@ -33,6 +37,8 @@ class ServingMetrics:
         return ModelObserver(self, model)
 
     def request(self, model: str, protocol: str, status: int, seconds: float | None = None) -> None:
+        if model not in self._models:
+            model = "_unknown"
         key = (model, protocol, status)
         child = self._request_children.get(key)
         if child is None:  # label lookups cost more than the increment: keep the children

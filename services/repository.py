@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from contract import ONNX_FILE, ModelContract
-from services.batching import DynamicBatcher, Unbatched
+from services.batching import DynamicBatcher
 from services.config import ServingConfig, available_cores
 from services.errors import not_found, unavailable
 from services.runtime import OnnxSession, read_contract
@@ -164,13 +164,13 @@ class ModelRepository:
         key = (stored.name, stored.version)
         if key in self._loaded:
             return self._loaded[key]
-        contract = self.contract(stored.name, stored.version)
-        session = OnnxSession(stored.folder / ONNX_FILE, contract, intra_op_threads=self.config.session_threads,
+        session = OnnxSession(stored.folder / ONNX_FILE, intra_op_threads=self.config.session_threads,
                               inter_op_threads=self.config.inter_op_threads, providers=self.config.providers)
         session.warm_up()
-        handle = ModelHandle(stored, contract, session, self._runner(stored, contract, session))
+        handle = ModelHandle(stored, session.contract, session, self._runner(stored, session))
+        self._contracts.pop(key, None)  # the handle holds it now
         self._loaded[key] = handle
-        log.info("loaded %s (%s)", stored.tag, type(handle.runner).__name__)
+        log.info("loaded %s (batches of up to %d rows)", stored.tag, handle.runner.max_batch_size)
         return handle
 
     def load_newest(self) -> list[ModelHandle]:
@@ -209,13 +209,12 @@ class ModelRepository:
         for key in list(self._loaded):
             await self.unload(*key)
 
-    def _runner(self, stored: StoredVersion, contract: ModelContract, session: OnnxSession):
-        observer = self._observer_for(stored.name)
-        config = self.config
+    def _runner(self, stored: StoredVersion, session: OnnxSession) -> DynamicBatcher:
+        config, contract = self.config, session.contract
         if config.batching and batch_major(contract):
-            cap = contract.limits.get("max_batch") or contract.limits.get("max_n") or config.max_batch_size
-            return DynamicBatcher(stored.tag, session.run, max_batch_size=min(cap, config.max_batch_size),
-                                  max_queue_delay_s=config.max_queue_delay_ms / 1000, max_queue=config.max_queue,
-                                  concurrency=config.batch_concurrency, observer=observer)
-        return Unbatched(stored.tag, session.run, threads=max(2, available_cores()), max_queue=config.max_queue,
-                         observer=observer)
+            rows, concurrency = min(contract.max_batch or config.max_batch_size, config.max_batch_size), config.batch_concurrency
+        else:  # one request per run, several side by side
+            rows, concurrency = 1, max(2, available_cores())
+        return DynamicBatcher(stored.tag, session.run, max_batch_size=rows,
+                              max_queue_delay_s=config.max_queue_delay_ms / 1000, max_queue=config.max_queue,
+                              concurrency=concurrency, observer=self._observer_for(stored.name))

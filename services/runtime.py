@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from contract import CONTRACT_KEY, ModelContract, TensorSpec
@@ -16,7 +15,10 @@ log = logging.getLogger("services.runtime")
 
 
 def read_contract(onnx_path: Path) -> ModelContract:
-    """The contract export wrote into the file's ``metadata_props`` (weights are not loaded)."""
+    """The contract export wrote into the file's ``metadata_props``, without opening a session
+    (for versions that are listed but not loaded)."""
+    import onnx
+
     proto = onnx.load(str(onnx_path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     if CONTRACT_KEY not in props:
@@ -34,9 +36,8 @@ class OnnxSession:
     """One ONNX Runtime session for one model version. ``run`` is thread-safe (ONNX Runtime allows
     concurrent ``run`` calls on one session) and releases the GIL while it computes."""
 
-    def __init__(self, onnx_path: Path, contract: ModelContract, *, intra_op_threads: int = 1,
-                 inter_op_threads: int = 1, providers: tuple[str, ...] = (), spinning: bool = False):
-        self.contract = contract
+    def __init__(self, onnx_path: Path, *, intra_op_threads: int = 1, inter_op_threads: int = 1,
+                 providers: tuple[str, ...] = (), spinning: bool = False):
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
@@ -48,6 +49,11 @@ class OnnxSession:
         self.session = ort.InferenceSession(str(onnx_path), options, providers=requested)
         # What the session really got (CUDA can fail to initialise and fall back silently).
         self.providers = self.session.get_providers()
+        # The session has parsed the file already: its metadata holds the contract.
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if CONTRACT_KEY not in metadata:
+            raise ValueError(f"{onnx_path} has no {CONTRACT_KEY!r} metadata; export it with `python -m export`")
+        self.contract = contract = ModelContract.from_json(metadata[CONTRACT_KEY])
         self._output_names = [t.name for t in contract.outputs]
         log.info("%s on %s (requested %s, %d intra-op threads)", contract.name, self.providers, requested,
                  intra_op_threads)

@@ -69,11 +69,11 @@ class Suite:
         # listening, which is after this start-up hook.
         if not os.environ.get("UV_TCP_SINGLE_ACCEPT"):  # "0" turns it off
             os.environ["UV_TCP_SINGLE_ACCEPT"] = "1"
-        self.metrics = ServingMetrics()
+        self.metrics = ServingMetrics(CONFIG.models)
         self.repository = ModelRepository(CONFIG, observer_for=self.metrics.observer)
         self.repository.load_newest()
         self.plane = DataPlane(self.repository, server_version=bentoml.__version__)
-        http_app.bind(self.plane, self.metrics, CONFIG.max_body_bytes, CONFIG.keepalive_requests)
+        http_app.bind(self.plane, self.metrics, CONFIG.keepalive_requests)
         self.grpc = (GrpcFrontend(self.plane, CONFIG.grpc_port, CONFIG.grpc_host, self.metrics)
                      if CONFIG.grpc_port else None)
         # What start-up allocated lives as long as the worker: keep it out of the collector's full

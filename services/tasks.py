@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
-from contract import ModelContract, TensorSpec
+from contract import DTYPES, ModelContract, TensorSpec
 from services.errors import bad_request, too_large
 from services.imaging import encode_png, grid, load_image, open_image, to_model_input
 from services.repository import ModelHandle
@@ -40,6 +40,12 @@ async def read_image(data: bytes, contract: ModelContract, field: str = "image")
     """Upload -> decoded picture, the contract's pixel and side limits checked before decoding."""
     image = open_image(data, field, contract.limits["max_pixels"], contract.limits.get("min_side", 1))
     return await cpu_work(image.width * image.height, load_image, image, field)
+
+
+async def image_input(data: bytes, contract: ModelContract) -> tuple[Image.Image, np.ndarray]:
+    """Upload -> (picture, the model's (1, C, H, W) input as the contract describes)."""
+    picture = await read_image(data, contract)
+    return picture, await cpu_work(picture.width * picture.height, to_model_input, picture, contract.image)
 
 
 def check_int(field: str, value: Any, low: int, high: int) -> int:
@@ -73,18 +79,20 @@ class TaskHandler:
         for name, array in feeds.items():
             spec = specs[name]
             if array.dtype != np.dtype(spec.dtype):
-                raise bad_request(name, f"datatype {spec_datatype(array.dtype)} given, {spec.oip_datatype} expected")
+                raise bad_request(name, f"datatype {DTYPES.get(array.dtype.name, array.dtype.name)} given, "
+                                        f"{spec.oip_datatype} expected")
             if not shape_matches(spec, array.shape):
                 raise bad_request(name, f"shape {list(array.shape)} does not match {spec.shape} "
                                         f"({', '.join(spec.axis_names)})")
         rows = {array.shape[0] for name, array in feeds.items() if specs[name].axis_names[:1] == ["batch"]}
         if len(rows) > 1:
             raise bad_request("inputs", f"inputs disagree on the batch size: {sorted(rows)}")
-        max_batch = contract.limits.get("max_batch") or contract.limits.get("max_n")
-        if rows and max_batch and next(iter(rows)) > max_batch:
-            raise bad_request(next(iter(feeds)), f"batch of {next(iter(rows))} rows; the limit is {max_batch}")
-        if rows and next(iter(rows)) == 0:
-            raise bad_request(next(iter(feeds)), "batch of 0 rows")
+        if rows:
+            (n,), first = rows, next(iter(feeds))
+            if contract.max_batch and n > contract.max_batch:
+                raise bad_request(first, f"batch of {n} rows; the limit is {contract.max_batch}")
+            if n == 0:
+                raise bad_request(first, "batch of 0 rows")
         self.check_values(contract, feeds)
         return feeds
 
@@ -100,12 +108,6 @@ class TaskHandler:
         return [], []
 
 
-def spec_datatype(dtype: np.dtype) -> str:
-    from contract import DTYPES
-
-    return DTYPES.get(np.dtype(dtype).name, str(dtype))
-
-
 def shape_matches(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
     return len(shape) == len(spec.shape) and all(d < 0 or d == s for d, s in zip(spec.shape, shape))
 
@@ -116,10 +118,10 @@ def check_image_tensor(contract: ModelContract, name: str, array: np.ndarray) ->
     limits = contract.limits
     if "max_pixels" in limits and n * h * w > limits["max_pixels"]:
         raise too_large(name, f"{n} x {h} x {w} = {n * h * w} pixels; the limit is {limits['max_pixels']}")
-    min_side = max(limits.get("min_side", 1), contract.image.multiple_of if contract.image else 1)
+    multiple = contract.image.multiple_of if contract.image else 1
+    min_side = max(limits.get("min_side", 1), multiple)
     if min(h, w) < min_side:
         raise bad_request(name, f"height and width must be at least {min_side}, got {h} x {w}")
-    multiple = contract.image.multiple_of if contract.image else 1
     if h % multiple or w % multiple:
         raise bad_request(name, f"height and width must be multiples of {multiple}, got {h} x {w}")
 
@@ -132,8 +134,7 @@ class ImageClassification(TaskHandler):
     async def classify(self, handle: ModelHandle, image: bytes, top_k: int = 5) -> dict:
         c = handle.contract
         top_k = check_int("top_k", top_k, 1, TOP_K_CAP)
-        picture = await read_image(image, c)
-        x = await cpu_work(picture.width * picture.height, to_model_input, picture, c.image)
+        _, x = await image_input(image, c)
         probs = (await handle.infer({c.inputs[0].name: x}))[c.outputs[0].name][0]
         order = np.argsort(-probs, kind="stable")[: min(top_k, probs.size)]
         return {"model": handle.tag,
@@ -153,11 +154,9 @@ class Segmentation(TaskHandler):
     async def segment(self, handle: ModelHandle, image: bytes) -> bytes:
         """-> PNG mask at the upload's size; pixel value = class id."""
         c = handle.contract
-        picture = await read_image(image, c)
-        pixels = picture.width * picture.height
-        x = await cpu_work(pixels, to_model_input, picture, c.image)
+        picture, x = await image_input(image, c)
         mask = (await handle.infer({c.inputs[0].name: x}))[c.outputs[0].name][0]
-        return await cpu_work(pixels, _mask_png, mask, picture.size)
+        return await cpu_work(picture.width * picture.height, _mask_png, mask, picture.size)
 
 
 def _mask_png(mask: np.ndarray, size: tuple[int, int]) -> bytes:
@@ -299,7 +298,8 @@ class TextGeneration(TaskHandler):
             raise bad_request(extra[0], f"{TEXT_INPUT} is used alone; do not send model tensors with it")
         tensor = feeds[TEXT_INPUT]
         if tensor.dtype != BYTES_DTYPE:
-            raise bad_request(TEXT_INPUT, f"datatype {spec_datatype(tensor.dtype)} given, BYTES expected")
+            raise bad_request(TEXT_INPUT, f"datatype {DTYPES.get(tensor.dtype.name, tensor.dtype.name)} given, "
+                                          f"BYTES expected")
         if tensor.shape not in ((1,), (1, 1)):
             raise bad_request(TEXT_INPUT, f"shape {list(tensor.shape)} given, [1] or [1, 1] expected")
         try:

@@ -4,16 +4,14 @@ artifacts folder and BentoML store, and a real `bentoml serve` on free loopback 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from loadtest.servers import Server, free_port, start_server
 
 # Before anything imports bentoml: a private store, never the user's.
 _TMP = Path(tempfile.mkdtemp(prefix="suite-tests-"))
@@ -45,55 +43,15 @@ def built_models() -> dict[str, Built]:
     return built
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    grpc_port: int
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not ready in {timeout}s:\n{log_path.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="session")
 def server(built_models) -> Server:
     """A real `bentoml serve` of bentofile.yaml's service, from the quick models, on free ports."""
     port, grpc_port = free_port(), free_port()
     log_path = _TMP / "serve.log"
     env = {**os.environ, "SUITE_GRPC_PORT": str(grpc_port), "SUITE_INTRA_OP_THREADS": "1"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = start_server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                          port=port, grpc_port=grpc_port, env=env, cwd=REPO, log_path=log_path, timeout=180)
     try:
-        wait_ready(url, process, log_path)
-        yield Server(url, grpc_port, process, log_path)
+        yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        server.stop(grace=20)

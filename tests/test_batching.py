@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from services.batching import DynamicBatcher, Unbatched
+from services.batching import DynamicBatcher
 from services.errors import ServingError
 
 
@@ -39,6 +39,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def hold_first(batcher: DynamicBatcher, model: Recorder) -> asyncio.Future:
+    """Starts request 0 and holds it inside the model, so the next requests queue up behind it."""
+    model.gate.clear()
+    first = asyncio.ensure_future(batcher.submit(rows(0)))
+    await asyncio.sleep(0.05)
+    return first
+
+
 def rows(value: float, n: int = 1, width: int = 3) -> dict:
     return {"x": np.full((n, width), value, np.float32)}
 
@@ -47,9 +55,7 @@ def test_each_request_gets_its_own_rows_in_order():
     async def main():
         model = Recorder()
         batcher = DynamicBatcher("m", model, max_batch_size=64)
-        model.gate.clear()  # hold the first run so the rest queue up behind it
-        first = asyncio.ensure_future(batcher.submit(rows(0)))
-        await asyncio.sleep(0.05)
+        first = await hold_first(batcher, model)
         rest = [asyncio.ensure_future(batcher.submit(rows(i, n=1 + i % 3))) for i in range(1, 20)]
         await asyncio.sleep(0.05)
         model.gate.set()
@@ -129,9 +135,7 @@ def test_shapes_that_do_not_stack_run_separately_and_keep_order():
     async def main():
         model = Recorder()
         batcher = DynamicBatcher("m", model, max_batch_size=64)
-        model.gate.clear()
-        first = asyncio.ensure_future(batcher.submit(rows(0)))
-        await asyncio.sleep(0.05)
+        first = await hold_first(batcher, model)
         mixed = [asyncio.ensure_future(batcher.submit(rows(i, width=3 if i % 2 else 5))) for i in range(1, 9)]
         await asyncio.sleep(0.05)
         model.gate.set()
@@ -150,9 +154,7 @@ def test_a_failing_request_does_not_fail_its_companions():
     async def main():
         model = Recorder()
         batcher = DynamicBatcher("m", model, max_batch_size=64)
-        model.gate.clear()
-        first = asyncio.ensure_future(batcher.submit(rows(0)))
-        await asyncio.sleep(0.05)
+        first = await hold_first(batcher, model)
         good = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(1, 6)]
         bad = asyncio.ensure_future(batcher.submit(rows(float("nan"))))
         await asyncio.sleep(0.05)
@@ -172,9 +174,7 @@ def test_bounded_queue_refuses_at_once_with_503():
     async def main():
         model = Recorder()
         batcher = DynamicBatcher("m", model, max_batch_size=1, max_queue=3)
-        model.gate.clear()
-        running = asyncio.ensure_future(batcher.submit(rows(0)))
-        await asyncio.sleep(0.05)  # taken off the queue, running
+        running = await hold_first(batcher, model)  # taken off the queue, running
         waiting = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(1, 4)]
         await asyncio.sleep(0.01)
         with pytest.raises(ServingError) as info:
@@ -192,9 +192,7 @@ def test_cancelled_requests_are_skipped():
     async def main():
         model = Recorder()
         batcher = DynamicBatcher("m", model, max_batch_size=64)
-        model.gate.clear()
-        first = asyncio.ensure_future(batcher.submit(rows(0)))
-        await asyncio.sleep(0.05)
+        first = await hold_first(batcher, model)
         gone = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(1, 4)]
         kept = asyncio.ensure_future(batcher.submit(rows(7)))
         await asyncio.sleep(0.01)
@@ -215,9 +213,7 @@ def test_close_refuses_waiting_requests():
     async def main():
         model = Recorder()
         batcher = DynamicBatcher("m", model, max_batch_size=1)
-        model.gate.clear()
-        asyncio.ensure_future(batcher.submit(rows(0)))
-        await asyncio.sleep(0.05)
+        await hold_first(batcher, model)
         waiting = asyncio.ensure_future(batcher.submit(rows(1)))
         await asyncio.sleep(0.01)
         await batcher.close()
@@ -253,7 +249,7 @@ def test_concurrency_runs_batches_side_by_side():
 def test_unbatched_runs_each_request_alone():
     async def main():
         model = Recorder(delay=0.01)
-        runner = Unbatched("m", model, threads=2)
+        runner = DynamicBatcher("m", model, max_batch_size=1, concurrency=2)  # what batching=false serves
         results = await asyncio.gather(*(runner.submit(rows(i, n=2)) for i in range(6)))
         await runner.close()
         return model, results

@@ -61,6 +61,11 @@ class Request:
     def content_type(self) -> str:
         return self.headers.get("content-type", "")
 
+    @property
+    def media_type(self) -> str:
+        """The content type without parameters, lower case ("" when absent)."""
+        return self.content_type.split(";", 1)[0].strip().lower()
+
     async def body(self) -> bytes:
         """The whole body; refused with 413 before reading when its declared length is over the
         limit, and as soon as the bytes read pass it (chunked uploads)."""
@@ -165,8 +170,9 @@ class Endpoint:
             if self.frontend.plane is None:
                 raise unavailable("server", "starting: models are not loaded yet", retry_after=1)
             if scope["method"] not in self.methods:
-                response = json_response({"error": f"method {scope['method']} not allowed; use {' or '.join(self.methods)}"},
-                                         405, [(b"allow", ", ".join(self.methods).encode())])
+                response = error_response(ServingError(None, f"method {scope['method']} not allowed; use "
+                                                             f"{' or '.join(self.methods)}", 405))
+                response.headers.append((b"allow", ", ".join(self.methods).encode()))
             else:
                 response = await self.handler(request)
         except ServingError as exc:
@@ -175,7 +181,7 @@ class Endpoint:
             return
         except Exception:  # a JSON body clients can parse, and no stack trace in it
             log.exception("%s %s failed", scope["method"], scope["path"])
-            response = json_response({"error": "internal error; the server log has the details"}, 500)
+            response = error_response(ServingError(None, "internal error; the server log has the details", 500))
         self.frontend.count(self._model_label(scope), self.protocol, response.status, time.perf_counter() - started)
         if self.frontend.close_probability and random.random() < self.frontend.close_probability:
             response.headers.append((b"connection", b"close"))
@@ -209,14 +215,11 @@ class HttpFrontend(Starlette):
         self.close_probability = 0.0
         self._exact: dict[str, Endpoint] = {}
 
-    def bind(self, plane: Any, metrics: Any = None, max_body_bytes: int | None = None,
-             keepalive_requests: int = 0) -> None:
+    def bind(self, plane: Any, metrics: Any = None, keepalive_requests: int = 0) -> None:
         """``keepalive_requests``: close a keep-alive connection after that many requests on average
         (at random, so no per-connection state), which lets the kernel hand the reconnection to
         whichever worker is least busy; 0 keeps connections open."""
         self.plane, self.metrics = plane, metrics
-        if max_body_bytes:
-            self.max_body_bytes = max_body_bytes
         self.close_probability = 1 / keepalive_requests if keepalive_requests else 0.0
 
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
@@ -230,9 +233,7 @@ class HttpFrontend(Starlette):
 
     def count(self, model: str | None, protocol: str, status: int, seconds: float) -> None:
         if self.metrics is not None and model:
-            # Names from the URL are the client's: unknown ones share one label, so the series stay bounded.
-            known = model in self.plane.repository.names
-            self.metrics.request(model if known else "_unknown", protocol, status, seconds)
+            self.metrics.request(model, protocol, status, seconds)
 
     async def __call__(self, scope, receive, send) -> None:
         # Straight to the endpoint (or the router for paths with parameters): endpoints handle their

@@ -23,11 +23,10 @@ SAMPLE_FIELDS = ("n", "seed", "class_id", "model")
 
 async def image_request(request: Request, fields: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
     """-> (image bytes, text fields) from a multipart form or a raw image body + query string."""
-    content_type = request.content_type
-    media = content_type.split(";", 1)[0].strip().lower()
+    media = request.media_type
     body = await request.body()
     if media == "multipart/form-data":
-        parts = parse_multipart(body, content_type)
+        parts = parse_multipart(body, request.content_type)
         values = {}
         for name, part in parts.items():
             if name == "image":
@@ -71,7 +70,7 @@ def form_float(values: dict[str, str], name: str) -> float | None:
 
 
 async def json_object(request: Request, fields: tuple[str, ...]) -> dict[str, Any]:
-    media = request.content_type.split(";", 1)[0].strip().lower()
+    media = request.media_type
     if media not in ("", "application/json"):
         raise unsupported_media("content-type", f"send application/json, got {media}")
     body = await request.json()

@@ -126,8 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         finally:
             if self.metrics is not None:
-                known = request.model_name in self.plane.repository.names
-                self.metrics.request(request.model_name if known else "_unknown", "oip_grpc", status)
+                self.metrics.request(request.model_name, "oip_grpc", status)
         response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=request.id)
         for name, array in result.outputs.items():
             response.outputs.add(name=name, datatype=oip_datatype(array.dtype), shape=list(array.shape))

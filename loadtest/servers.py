@@ -1,0 +1,61 @@
+"""Servers started as subprocesses on free loopback ports and waited for: what the tests'
+``bentoml serve`` fixture and the serving benchmark share."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    grpc_port: int | None
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, grace: float = 30) -> None:
+        """SIGTERM to the whole process group (BentoML's workers too), SIGKILL after ``grace`` s."""
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_server(command: list[str], *, port: int, env: dict, cwd: Path, log_path: Path,
+                 grpc_port: int | None = None, ready_path: str = "/readyz", timeout: float = 240) -> Server:
+    """Starts ``command`` (which serves on ``port``) and returns once ``ready_path`` answers 200."""
+    import requests
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", grpc_port, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[:4]} exited with {process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if requests.get(server.url + ready_path, timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise TimeoutError(f"not ready in {timeout}s:\n{server.log()[-4000:]}")

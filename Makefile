@@ -35,7 +35,7 @@ loadtest: $(BIN)/.installed
 	$(BIN)/locust -f loadtest/locustfile.py --headless -u 20 -r 10 -t 30s --host http://$(HOST):$(PORT) --only-summary
 
 # The serving benchmark: the suite against a hand-written FastAPI server (needs wrk and h2load:
-# apt-get install wrk nghttp2-client). Prints a table; took 11 minutes here.
+# apt-get install wrk nghttp2-client). Prints a table; took 8-11 minutes here.
 $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@

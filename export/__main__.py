@@ -14,15 +14,16 @@ os.environ.setdefault("BENTOML_HOME", str(REPO_ROOT / ".bentoml"))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 
-def in_store(name: str) -> bool:
+def in_store(name: str, graph_version: int = 1) -> bool:
+    """The store's newest version of ``name`` exists and has the family's current graph interface."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     try:
-        bentoml.models.get(name)
-        return True
+        stored = bentoml.models.get(name)
     except NotFound:
         return False
+    return stored.info.metadata.get("graph_version", 1) == graph_version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         family = get(name)
         if args.build_missing:
-            if in_store(name):
+            if in_store(name, family.graph_version):
                 print(f"[{name}] in the model store: reused")
                 continue
             if not (family_dir(name) / CHECKPOINT_FILE).exists():

@@ -45,6 +45,9 @@ class ServingConfig:
     keepalive_requests: int = 100  # a keep-alive connection closes after about this many requests (nginx's
     #   keepalive_requests), so long-lived client connections spread over the workers; 0 = never
     max_body_bytes: int = 64 * 1024 * 1024  # request bodies above this are refused with 413 before being read
+    text_max_live: int = 32  # sequences a text model decodes together per worker (capped by its contract's max_batch)
+    text_max_waiting: int = 64  # text requests waiting for a row per worker; more are refused with 503 / UNAVAILABLE
+    text_prefill_tokens: int = 2048  # padded prompt tokens prefilled in one session run (bounds the others' stall)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown --arg keys, reported
 
     @property
@@ -82,10 +85,11 @@ class ServingConfig:
         unknown = [m for m in self.models if m not in FAMILIES]
         if unknown:
             raise ValueError(f"models: unknown {unknown}; known: {list(FAMILIES)}")
-        for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "keepalive_requests"):
+        for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "keepalive_requests", "text_max_waiting"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("inter_op_threads", "max_batch_size", "max_queue", "max_body_bytes", "batch_concurrency"):
+        for name in ("inter_op_threads", "max_batch_size", "max_queue", "max_body_bytes", "batch_concurrency",
+                     "text_max_live", "text_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 

@@ -4,7 +4,6 @@ REST and gRPC) only translate their wire format to these calls and back; nothing
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
@@ -15,7 +14,8 @@ from services.errors import ServingError, bad_request, unavailable
 from services.repository import ModelHandle, ModelRepository
 from services.tasks import (HANDLERS, Denoising, ImageClassification, ImageGeneration, Segmentation, TaskHandler,
                             TextGeneration)
-from services.textgen import Chunk
+from services.textengine import Sequence
+from services.textgen import Chunk, Completion
 
 SERVER_NAME = "model-suite"
 PLATFORM = "onnxruntime_onnx"
@@ -29,6 +29,7 @@ class InferResult:
     version: str
     outputs: Tensors
     parameters: dict[str, Any]
+    final: bool = True  # the last result of its request (decoupled inference sends several)
 
 
 @dataclass
@@ -38,11 +39,19 @@ class ImageResult:
     seed: int | None = None
 
 
-@dataclass
 class TextStream:
-    model: str
-    seed: int
-    chunks: AsyncIterator[Chunk]
+    """One generation: the model version that runs it, its seed, and its chunks as they come
+    (leaving the iteration early frees its row in the engine)."""
+
+    def __init__(self, model: str, seed: int, sequence: Sequence):
+        self.model, self.seed = model, seed
+        self._sequence = sequence
+
+    def chunks(self) -> AsyncIterator[Chunk]:
+        return self._sequence.chunks()
+
+    async def complete(self) -> Completion:
+        return await self._sequence.complete()
 
 
 class DataPlane:
@@ -143,30 +152,48 @@ class DataPlane:
         return ImageResult(handle.tag, png, seed)
 
     async def generate(self, prompt: str, sampling: Mapping[str, Any], model: str | None = None) -> dict:
-        handler, handle = await self._task(TextGeneration, model)
-        params = handler.sampling(handle, sampling)
-        done = await handler.complete(handle, prompt, params)
+        (stream,) = await self.generate_streams([(prompt, sampling)], model)
+        done = await stream.complete()
         return {"text": done.text, "finish_reason": done.finish_reason,
                 "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
-                "seed": params.seed, "model": handle.tag}
+                "seed": stream.seed, "model": stream.model}
 
     async def generate_stream(self, prompt: str, sampling: Mapping[str, Any], model: str | None = None) -> TextStream:
-        """Checks the request and decodes the first piece before returning, so bad input is an
+        """Checks the request and queues it before returning, so bad input or a full queue is an
         error before any chunk goes out."""
+        (stream,) = await self.generate_streams([(prompt, sampling)], model)
+        return stream
+
+    async def generate_streams(self, requests: list[tuple[str, Mapping[str, Any]]],
+                               model: str | None = None) -> list[TextStream]:
+        """Several generations on one model (a list of prompts, several choices each), queued all
+        or none; each stream yields its own chunks."""
         handler, handle = await self._task(TextGeneration, model)
-        params = handler.sampling(handle, sampling)
-        chunks = handler.stream(handle, prompt, params)
-        loop = asyncio.get_running_loop()
-        first = await loop.run_in_executor(None, next, chunks)
+        params = [handler.sampling(handle, sampling) for _, sampling in requests]
+        sequences = handler.submit(handle, [(prompt, p) for (prompt, _), p in zip(requests, params)])
+        return [TextStream(handle.tag, p.seed, seq) for p, seq in zip(params, sequences)]
 
-        async def rest() -> AsyncIterator[Chunk]:
-            chunk = first
-            yield chunk
-            while chunk.finish_reason is None:
-                chunk = await loop.run_in_executor(None, next, chunks)
-                yield chunk
+    def text_models(self) -> list[dict]:
+        """Served text-generation models (what the OpenAI API lists): name, newest version, created."""
+        out = []
+        for name in self.repository.names:
+            stored = self.repository.stored(name)
+            if self.repository.contract(name).family == TextGeneration.task:
+                out.append({"name": name, "version": stored.version, "created": int(stored.created_at)})
+        return out
 
-        return TextStream(handle.tag, params.seed, rest())
+    async def infer_stream(self, name: str, version: str | None, feeds: Tensors,
+                           parameters: Mapping[str, Any] | None = None) -> AsyncIterator[InferResult]:
+        """Decoupled inference: a text model's results chunk by chunk, any other model's at once.
+        Bad input raises here, before the first result."""
+        handle = await self.repository.handle(name, version)
+        results = await self.handler(handle.contract.family).stream_tensors(handle, feeds, parameters or {})
+
+        async def named() -> AsyncIterator[InferResult]:
+            async for result in results:
+                yield InferResult(handle.name, handle.version, result.outputs, result.parameters, result.final)
+
+        return named()
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -177,8 +204,10 @@ class DataPlane:
             raise ServingError("model", f"no task handler for family {family!r}", 500) from None
 
     async def _task(self, kind: type[TaskHandler], model: str | None) -> tuple[Any, ModelHandle]:
-        name = model or kind.task
-        handle = await self.repository.handle(name)
+        """The handler and a ready handle for ``model`` ("name" or "name:version"; the task's own
+        model by default)."""
+        name, _, version = (model or kind.task).partition(":")
+        handle = await self.repository.handle(name, version or None)
         if handle.contract.family != kind.task:
             raise bad_request("model", f"model {name!r} is a {handle.contract.family} model, not {kind.task}")
         return self.handler(kind.task), handle

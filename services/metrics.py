@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OCCUPANCY_BUCKETS = (0.125, 0.25, 0.5, 0.75, 1.0)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -29,6 +30,20 @@ class ServingMetrics:
                                 ["model", "protocol", "status"], registry=registry)
         self.request_seconds = Histogram("suite_request_seconds", "Seconds from request to response, per model and protocol",
                                          ["model", "protocol"], buckets=SECONDS_BUCKETS, registry=registry)
+        # Text generation (the text engine).
+        self.time_to_first_token = Histogram("suite_time_to_first_token_seconds",
+                                             "Seconds from a text request's arrival to its first token, per model",
+                                             ["model"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.time_per_output_token = Histogram("suite_time_per_output_token_seconds",
+                                               "Seconds per generated token after the first, per finished request",
+                                               ["model"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.generated_tokens = Counter("suite_generated_tokens", "Tokens generated, per model", ["model"],
+                                        registry=registry)
+        self.text_sequences = Gauge("suite_text_sequences", "Text requests decoding (live) or waiting for a row",
+                                    ["model", "state"], multiprocess_mode="livesum", registry=registry)
+        self.batch_occupancy = Histogram("suite_text_batch_occupancy",
+                                         "Live sequences per decoding step as a fraction of text_max_live",
+                                         ["model"], buckets=OCCUPANCY_BUCKETS, registry=registry)
         self._models = frozenset(models)
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
@@ -67,12 +82,18 @@ def exposition() -> tuple[bytes, str]:
 
 
 class ModelObserver:
-    """What a batcher reports for one model (labels resolved once)."""
+    """What a batcher or the text engine reports for one model (labels resolved once)."""
 
     def __init__(self, metrics: ServingMetrics, model: str):
         self._depth = metrics.queue_depth.labels(model)
         self._batch = metrics.batch_size.labels(model)
         self._seconds = metrics.inference_seconds.labels(model)
+        self._ttft = metrics.time_to_first_token.labels(model)
+        self._tpot = metrics.time_per_output_token.labels(model)
+        self._tokens = metrics.generated_tokens.labels(model)
+        self._live = metrics.text_sequences.labels(model, "live")
+        self._waiting = metrics.text_sequences.labels(model, "waiting")
+        self._occupancy = metrics.batch_occupancy.labels(model)
 
     def queued(self, depth: int) -> None:
         self._depth.set(depth)
@@ -80,3 +101,18 @@ class ModelObserver:
     def ran(self, rows: int, seconds: float) -> None:
         self._batch.observe(rows)
         self._seconds.observe(seconds)
+
+    def sequences(self, live: int, waiting: int) -> None:
+        self._live.set(live)
+        self._waiting.set(waiting)
+
+    def occupancy(self, fraction: float) -> None:
+        self._occupancy.observe(fraction)
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def finished(self, tokens: int, seconds_per_token: float | None) -> None:
+        self._tokens.inc(tokens)
+        if seconds_per_token is not None:
+            self._tpot.observe(seconds_per_token)

@@ -21,6 +21,7 @@ from services.batching import DynamicBatcher
 from services.config import ServingConfig, available_cores
 from services.errors import not_found, unavailable
 from services.runtime import OnnxSession, read_contract
+from services.textengine import EngineLimits, TextEngine
 
 log = logging.getLogger("services.repository")
 
@@ -65,13 +66,15 @@ def batch_major(contract: ModelContract) -> bool:
 class ModelHandle:
     """One loaded, warmed-up version. ``infer`` takes validated, batch-major tensors."""
 
-    def __init__(self, stored: StoredVersion, contract: ModelContract, session: OnnxSession, runner: Any):
+    def __init__(self, stored: StoredVersion, contract: ModelContract, session: OnnxSession, runner: Any,
+                 engine: TextEngine | None = None):
         self.stored = stored
         self.name, self.version = stored.name, stored.version
         self.metadata = stored.metadata
         self.contract = contract
         self.session = session
-        self.runner = runner
+        self.runner = runner  # tensors in, tensors out: the dynamic batcher
+        self.engine = engine  # text models: continuous batching of whole generations
         self.state: dict[str, Any] = {}  # per-version helpers built by task handlers (a tokenizer)
 
     @property
@@ -85,12 +88,10 @@ class ModelHandle:
     async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self.runner.submit(feeds)
 
-    def run_now(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One session run on the calling thread, outside the runner (incremental text decoding)."""
-        return self.session.run(feeds)
-
     async def close(self) -> None:
         await self.runner.close()
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
 
 class ModelRepository:
@@ -167,7 +168,8 @@ class ModelRepository:
         session = OnnxSession(stored.folder / ONNX_FILE, intra_op_threads=self.config.session_threads,
                               inter_op_threads=self.config.inter_op_threads, providers=self.config.providers)
         session.warm_up()
-        handle = ModelHandle(stored, session.contract, session, self._runner(stored, session))
+        handle = ModelHandle(stored, session.contract, session, self._runner(stored, session),
+                             self._engine(stored, session))
         self._contracts.pop(key, None)  # the handle holds it now
         self._loaded[key] = handle
         log.info("loaded %s (batches of up to %d rows)", stored.tag, handle.runner.max_batch_size)
@@ -208,6 +210,14 @@ class ModelRepository:
     async def close(self) -> None:
         for key in list(self._loaded):
             await self.unload(*key)
+
+    def _engine(self, stored: StoredVersion, session: OnnxSession) -> TextEngine | None:
+        if session.contract.task != "text-generation":
+            return None
+        config = self.config
+        limits = EngineLimits(config.text_max_live, config.text_max_waiting, config.text_prefill_tokens)
+        return TextEngine(stored.tag, session.run, session.contract, stored.folder, limits,
+                          self._observer_for(stored.name))
 
     def _runner(self, stored: StoredVersion, session: OnnxSession) -> DynamicBatcher:
         config, contract = self.config, session.contract

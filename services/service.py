@@ -1,7 +1,8 @@
 """The BentoML service: it only wires the serving core together.
 
     model store -> ModelRepository (versions, handles, batchers) -> task handlers -> DataPlane
-        -> native HTTP + Open Inference Protocol REST (one ASGI app mounted at /) and OIP gRPC (:9000)
+        -> native HTTP + Open Inference Protocol REST + OpenAI completions (one ASGI app mounted at /)
+           and OIP gRPC (:9000)
 
 ``bentoml serve`` starts ``ServingConfig.worker_count`` worker processes (one per core by default);
 each builds its own repository, sessions and batchers, serves HTTP on the shared BentoML port and
@@ -22,6 +23,7 @@ from services.dataplane import DataPlane
 from services.frontends.asgi import HttpFrontend
 from services.frontends.native import add_native_routes
 from services.frontends.oip_grpc import GrpcFrontend
+from services.frontends.openai import add_openai_routes
 from services.frontends.oip_rest import add_oip_rest_routes
 from services.frontends.openapi import add_openapi_route
 from services.metrics import ServingMetrics
@@ -33,6 +35,7 @@ CONFIG = ServingConfig.load()
 http_app = HttpFrontend(CONFIG.max_body_bytes)
 add_native_routes(http_app)
 add_oip_rest_routes(http_app)
+add_openai_routes(http_app)
 add_openapi_route(http_app)
 
 

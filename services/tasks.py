@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -20,7 +20,8 @@ from contract import DTYPES, ModelContract, TensorSpec
 from services.errors import bad_request, too_large
 from services.imaging import encode_png, grid, load_image, open_image, to_model_input
 from services.repository import ModelHandle
-from services.textgen import Chunk, Completion, SamplingParams, TextGenerator, parse_sampling
+from services.textengine import Sequence
+from services.textgen import Completion, SamplingParams, parse_sampling
 
 Tensors = dict[str, np.ndarray]
 # Images up to this many pixels are decoded and encoded on the event loop: a thread hop costs more
@@ -60,6 +61,7 @@ def check_int(field: str, value: Any, low: int, high: int) -> int:
 class TensorResult:
     outputs: Tensors
     parameters: dict[str, Any]
+    final: bool = True  # the last result of its request (decoupled inference sends several)
 
 
 class TaskHandler:
@@ -102,6 +104,17 @@ class TaskHandler:
     async def infer_tensors(self, handle: ModelHandle, feeds: Tensors, parameters: Mapping[str, Any]) -> TensorResult:
         outputs = await handle.infer(self.check_tensors(handle.contract, feeds))
         return TensorResult(outputs, {})
+
+    async def stream_tensors(self, handle: ModelHandle, feeds: Tensors,
+                             parameters: Mapping[str, Any]) -> AsyncIterator[TensorResult]:
+        """Decoupled inference: the results of one request as they come; one result for models that
+        answer at once (every task but text generation)."""
+        result = await self.infer_tensors(handle, feeds, parameters)
+
+        async def one() -> AsyncIterator[TensorResult]:
+            yield result
+
+        return one()
 
     def extra_tensors(self, contract: ModelContract) -> tuple[list[dict], list[dict]]:
         """Inputs/outputs a task offers beyond the model's own (text in, text out), for metadata."""
@@ -248,15 +261,11 @@ TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
 
 
 class TextGeneration(TaskHandler):
-    """Text in, text out (native /generate, /generate_stream, OIP ``text_input``), or the decoder's
-    own tensors on the Open Inference Protocol."""
+    """Text in, text out (native /generate and /generate_stream, OpenAI /v1/completions, OIP
+    ``text_input``), all through the model's text engine; or the decoder's own tensors on the Open
+    Inference Protocol (through the batcher, like any model)."""
 
     task = "generate"
-
-    def generator(self, handle: ModelHandle) -> TextGenerator:
-        if "text" not in handle.state:  # the tokenizer is read once per loaded version
-            handle.state["text"] = TextGenerator(handle)
-        return handle.state["text"]
 
     def sampling(self, handle: ModelHandle, values: Mapping[str, Any]) -> SamplingParams:
         return parse_sampling(values, handle.contract.limits["max_new_tokens"])
@@ -267,32 +276,37 @@ class TextGeneration(TaskHandler):
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise bad_request("input_ids", f"token ids must be in 0..{vocab - 1}")
         window = contract.limits["context_window"]
-        past = next((a.shape[2] for n, a in feeds.items() if n.startswith("past")), 0)
-        if past + ids.shape[1] > window:
-            raise bad_request("input_ids", f"{past} past + {ids.shape[1]} new positions exceed the context window "
-                                           f"of {window}")
-        positions = feeds["position_ids"]
-        if positions.size and (positions.min() < 0 or positions.max() >= window):
-            raise bad_request("position_ids", f"positions must be in 0..{window - 1}")
         caches = {a.shape[2] for n, a in feeds.items() if n.startswith("past")}
         if len(caches) > 1:
             raise bad_request("past", f"cache tensors disagree on the past length: {sorted(caches)}")
+        past = caches.pop() if caches else 0
+        if past + ids.shape[1] > window:
+            raise bad_request("input_ids", f"{past} past + {ids.shape[1]} new positions exceed the context window "
+                                           f"of {window}")
+        mask = feeds["attention_mask"]
+        if mask.shape[1] != past + ids.shape[1]:
+            raise bad_request("attention_mask", f"{mask.shape[1]} slots given; past + new is {past + ids.shape[1]}")
+        positions = feeds["position_ids"]
+        if positions.shape != ids.shape:
+            raise bad_request("position_ids", f"shape {list(positions.shape)} given, {list(ids.shape)} expected "
+                                              "(that of input_ids)")
+        if positions.size and (positions.min() < 0 or positions.max() >= window):
+            raise bad_request("position_ids", f"positions must be in 0..{window - 1}")
+
+    def submit(self, handle: ModelHandle, requests: list[tuple[str, SamplingParams]]) -> list[Sequence]:
+        """Queues generations on the model's engine (all or none); each sequence yields its chunks."""
+        return handle.engine.submit(requests)
 
     async def complete(self, handle: ModelHandle, prompt: str, params: SamplingParams) -> Completion:
-        generator = self.generator(handle)
-        return await asyncio.get_running_loop().run_in_executor(None, generator.complete, prompt, params)
-
-    def stream(self, handle: ModelHandle, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
-        """A blocking iterator of chunks; the caller steps it off the event loop."""
-        return self.generator(handle).stream(prompt, params)
+        (sequence,) = self.submit(handle, [(prompt, params)])
+        return await sequence.complete()
 
     def extra_tensors(self, contract: ModelContract) -> tuple[list[dict], list[dict]]:
         return ([{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [1]}],
                 [{"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [1]}])
 
-    async def infer_tensors(self, handle: ModelHandle, feeds: Tensors, parameters: Mapping[str, Any]) -> TensorResult:
-        if TEXT_INPUT not in feeds:
-            return await super().infer_tensors(handle, feeds, parameters)
+    def text_request(self, handle: ModelHandle, feeds: Tensors, parameters: Mapping[str, Any]) -> tuple[str, SamplingParams]:
+        """An OIP ``text_input`` request -> (prompt, sampling parameters)."""
         extra = [n for n in feeds if n != TEXT_INPUT]
         if extra:
             raise bad_request(extra[0], f"{TEXT_INPUT} is used alone; do not send model tensors with it")
@@ -306,13 +320,43 @@ class TextGeneration(TaskHandler):
             prompt = bytes(tensor.ravel()[0]).decode("utf-8")
         except UnicodeDecodeError:
             raise bad_request(TEXT_INPUT, "prompt is not valid UTF-8") from None
-        params = self.sampling(handle, parameters)
+        return prompt, self.sampling(handle, parameters)
+
+    @staticmethod
+    def text_result(text: str, shape: tuple[int, ...], parameters: dict[str, Any]) -> TensorResult:
+        tensor = np.empty(shape, dtype=object)
+        tensor.ravel()[0] = text.encode("utf-8")
+        return TensorResult({TEXT_OUTPUT: tensor}, parameters)
+
+    async def infer_tensors(self, handle: ModelHandle, feeds: Tensors, parameters: Mapping[str, Any]) -> TensorResult:
+        if TEXT_INPUT not in feeds:
+            return await super().infer_tensors(handle, feeds, parameters)
+        prompt, params = self.text_request(handle, feeds, parameters)
         done = await self.complete(handle, prompt, params)
-        text = np.empty(tensor.shape, dtype=object)
-        text.ravel()[0] = done.text.encode("utf-8")
-        return TensorResult({TEXT_OUTPUT: text}, {"finish_reason": done.finish_reason, "seed": params.seed,
-                                                  "prompt_tokens": done.prompt_tokens,
-                                                  "completion_tokens": done.completion_tokens})
+        return self.text_result(done.text, feeds[TEXT_INPUT].shape,
+                                {"finish_reason": done.finish_reason, "seed": params.seed,
+                                 "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens})
+
+    async def stream_tensors(self, handle: ModelHandle, feeds: Tensors,
+                             parameters: Mapping[str, Any]) -> AsyncIterator[TensorResult]:
+        """Decoupled inference (gRPC ModelStreamInfer): one result per text chunk, the last one with
+        the finish reason. Checks the request before returning, so bad input fails the call."""
+        if TEXT_INPUT not in feeds:
+            return await super().stream_tensors(handle, feeds, parameters)
+        prompt, params = self.text_request(handle, feeds, parameters)
+        (sequence,) = self.submit(handle, [(prompt, params)])
+        shape = feeds[TEXT_INPUT].shape
+
+        async def results() -> AsyncIterator[TensorResult]:
+            async for chunk in sequence.chunks():
+                extra = {} if chunk.finish_reason is None else {
+                    "finish_reason": chunk.finish_reason, "seed": params.seed,
+                    "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
+                result = self.text_result(chunk.text, shape, extra)
+                result.final = chunk.finish_reason is not None
+                yield result
+
+        return results()
 
 
 HANDLERS: dict[str, type[TaskHandler]] = {h.task: h for h in (ImageClassification, Segmentation, Denoising,

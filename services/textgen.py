@@ -1,13 +1,15 @@
-"""Incremental decoding over the exported GPT with its key/value cache, numpy sampling (temperature,
-top-k, top-p) from a seeded generator (the same seed gives the same text), and the one parser of
-sampling parameters that every front-end uses."""
+"""Per-request pieces of text generation: the one parser of sampling parameters that every
+front-end uses, sampling from one row's logits with that row's own seeded generator and penalties,
+and incremental detokenization with stop strings. The step loop that batches rows is
+``services.textengine``; nothing here depends on which rows share a batch, so a request's text for
+a given seed is the same whatever its companions."""
 
 from __future__ import annotations
 
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -24,6 +26,14 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Divides positive logits (multiplies negative ones) of every token already in the prompt or the
+    # output (CTRL / transformers); 1 = off.
+    repetition_penalty: float = 1.0
+    # Subtracted from the logits of tokens already generated: once (presence) or per occurrence
+    # (frequency), as OpenAI defines them; 0 = off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks), as vLLM's option
 
     def validate(self, cap: int) -> "SamplingParams":
         if not 1 <= self.max_new_tokens <= cap:
@@ -38,17 +48,26 @@ class SamplingParams:
             raise bad_request("seed", "must be a non-negative 64-bit integer")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
             raise bad_request("stop", f"at most {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_CHARS} characters")
+        if not 0 < self.repetition_penalty <= 10:
+            raise bad_request("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad_request(name, f"must be between -2 and 2, got {getattr(self, name)}")
         return self
 
 
-NUMBER_FIELDS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+NUMBER_FIELDS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
+                 "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float}
+BOOL_FIELDS = ("ignore_eos",)
+SAMPLING_FIELDS = (*NUMBER_FIELDS, *BOOL_FIELDS, "stop")
 
 
 def parse_sampling(values: Mapping[str, Any], cap: int) -> SamplingParams:
-    """Sampling parameters from a JSON body (native /generate) or request parameters (Open Inference
-    Protocol, REST or gRPC) -> validated SamplingParams; a missing seed gets a random one, which the
-    responses echo. ``stop`` is a string, a list of strings, or a JSON list in a string (gRPC
-    parameters cannot hold lists). Unknown keys are the caller's business."""
+    """Sampling parameters from a JSON body (native /generate, OpenAI /v1/completions after renaming)
+    or request parameters (Open Inference Protocol, REST or gRPC) -> validated SamplingParams; a
+    missing seed gets a random one, which the responses echo. ``stop`` is a string, a list of
+    strings, or a JSON list in a string (gRPC parameters cannot hold lists). Unknown keys are the
+    caller's business."""
     numbers: dict[str, Any] = {}
     for key, kind in NUMBER_FIELDS.items():
         value = values.get(key)
@@ -63,6 +82,12 @@ def parse_sampling(values: Mapping[str, Any], cap: int) -> SamplingParams:
         elif not np.isfinite(value):
             raise bad_request(key, f"must be a finite number, got {value!r}")
         numbers[key] = kind(value)
+    for key in BOOL_FIELDS:
+        value = values.get(key)
+        if value is not None:
+            if not isinstance(value, bool):
+                raise bad_request(key, f"must be true or false, got {value!r}")
+            numbers[key] = value
     stop = values.get("stop")
     if stop is None:
         stop = []
@@ -76,29 +101,114 @@ def parse_sampling(values: Mapping[str, Any], cap: int) -> SamplingParams:
             stop = [stop]
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise bad_request("stop", "must be a string or a list of strings")
+    numbers.setdefault("max_new_tokens", min(SamplingParams.max_new_tokens, cap))
     seed = numbers.pop("seed", None)
     params = SamplingParams(**numbers, seed=seed if seed is not None else secrets.randbits(63), stop=tuple(stop))
     return params.validate(cap)
 
 
-def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """logits (V,) -> token id."""
-    if params.temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits.astype(np.float64) / params.temperature
-    if params.top_k:
-        kth = np.partition(logits, -min(params.top_k, logits.size))[-min(params.top_k, logits.size)]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(probs.size, p=probs))
+class RowSampler:
+    """Chooses one row's next token: penalties, temperature, top-k, top-p, then one draw from the
+    row's own generator (inverse CDF, so one uniform number per token whatever the filters)."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab: int):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.seen: np.ndarray | None = None
+        if params.repetition_penalty != 1.0:
+            self.seen = np.zeros(vocab, bool)
+            self.seen[prompt_ids] = True
+        self.counts = np.zeros(vocab, np.int32) if params.presence_penalty or params.frequency_penalty else None
+
+    def penalized(self, logits: np.ndarray) -> np.ndarray:
+        p = self.params
+        if self.seen is None and self.counts is None:
+            return logits
+        logits = logits.astype(np.float64)
+        if self.seen is not None:
+            seen = logits[self.seen]
+            logits[self.seen] = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if self.counts is not None:
+            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0)
+        return logits
+
+    def next(self, logits: np.ndarray) -> int:
+        """logits (V,) -> token id; records the token for the penalties."""
+        p = self.params
+        logits = self.penalized(logits)
+        if p.temperature == 0:
+            token = int(np.argmax(logits))
+        else:
+            token = self._draw(logits)
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+        return token
+
+    def _draw(self, logits: np.ndarray) -> int:
+        p = self.params
+        scaled = logits.astype(np.float64) / p.temperature
+        if p.top_k and p.top_k < scaled.size:
+            kth = np.partition(scaled, -p.top_k)[-p.top_k]
+            scaled = np.where(scaled < kth, -np.inf, scaled)
+        probs = np.exp(scaled - scaled.max())
+        u = self.rng.random()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cdf = np.cumsum(probs[order])
+            keep = int(np.searchsorted(cdf, p.top_p * cdf[-1])) + 1  # smallest prefix holding top_p of the mass
+            return int(order[min(int(np.searchsorted(cdf[:keep], u * cdf[keep - 1], side="right")), keep - 1)])
+        cdf = np.cumsum(probs)
+        return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), cdf.size - 1)
+
+
+class Detokenizer:
+    """Token ids -> text as it becomes complete characters (TGI's prefix/read offsets: decode a short
+    window, emit what it adds once it does not end in half a character), plus stop strings. Text
+    that could be the start of a stop string is held back until it cannot be."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix, self.read = 0, 0
+        self.text = ""  # complete characters decoded so far
+        self.sent = 0  # characters of ``text`` handed out
+
+    def push(self, token: int) -> bool:
+        """Adds a token; True when a stop string appeared (``text`` is then cut before it)."""
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        after = decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return False  # half of a multi-byte character: wait for the rest
+        added = after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        start = max(0, len(self.text) - self.holdback)
+        self.text += added
+        if self.stop:
+            cuts = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if cuts:
+                self.text = self.text[:min(cuts)]
+                return True
+        return False
+
+    def take(self, final: bool) -> str:
+        """Text not handed out yet; while running, all but what could begin a stop string."""
+        if final and self.read < len(self.ids):  # an unfinished character at the very end is dropped
+            tail = self.tokenizer.decode(self.ids[self.prefix:])
+            before = self.tokenizer.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+            self.text += tail[len(before):].replace("\ufffd", "")
+            self.read = len(self.ids)
+        end = len(self.text) if final else len(self.text) - self.holdback
+        if end <= self.sent:
+            return ""
+        piece = self.text[self.sent:end]
+        self.sent = end
+        return piece
 
 
 @dataclass
@@ -115,79 +225,3 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-
-
-class TextGenerator:
-    """Decodes one request at a time on the calling thread; ``model`` is a repository handle (its
-    ``run_now`` runs the session outside the batcher, its folder holds the tokenizer)."""
-
-    def __init__(self, model: Any):
-        from tokenizers import Tokenizer
-
-        self.model = model
-        c = model.contract
-        self.tokenizer = Tokenizer.from_file(str(model.folder / c.extra["tokenizer_file"]))
-        self.end_of_text = self.tokenizer.token_to_id(c.extra["end_of_text"])
-        self.cache_shape = (1, c.extra["n_head"], 0, c.extra["head_dim"])
-        self.n_layer = c.extra["n_layer"]
-        self.window = c.limits["context_window"]
-        self.cap = c.limits["max_new_tokens"]
-        self.max_prompt_chars = c.limits["max_prompt_chars"]
-
-    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
-        if len(prompt) > self.max_prompt_chars:
-            raise bad_request("prompt", f"{len(prompt)} characters; the limit is {self.max_prompt_chars}")
-        ids = self.tokenizer.encode(prompt).ids if prompt else []
-        if not ids:
-            ids = [self.end_of_text]  # an empty prompt starts a fresh document
-        if len(ids) + max_new_tokens > self.window:
-            raise bad_request("prompt", f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
-                                         f"context window of {self.window} tokens")
-        return ids
-
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
-        """Yields text as it becomes complete characters; the last chunk carries the finish reason."""
-        params.validate(self.cap)
-        ids = self.encode_prompt(prompt, params.max_new_tokens)
-        rng = np.random.default_rng(params.seed)
-        past = {f"past.{i}.{kv}": np.zeros(self.cache_shape, np.float32) for i in range(self.n_layer) for kv in ("key", "value")}
-        feed_ids, position = ids, 0
-        generated: list[int] = []
-        emitted = ""  # text already yielded
-        # Hold back enough characters that a stop string split across tokens is never half-sent.
-        holdback = max((len(x) for x in params.stop), default=1) - 1
-        text, finish = "", "length"
-        for _ in range(params.max_new_tokens):
-            outputs = self.model.run_now({
-                "input_ids": np.asarray([feed_ids], np.int64),
-                "position_ids": np.arange(position, position + len(feed_ids), dtype=np.int64)[None],
-                **past,
-            })
-            position += len(feed_ids)
-            past = {name.replace("present", "past"): outputs[name] for name in outputs if name.startswith("present")}
-            token = sample_next(outputs["logits"][0, -1], params, rng)
-            if token == self.end_of_text:
-                finish = "stop"
-                break
-            generated.append(token)
-            feed_ids = [token]
-            text = self.tokenizer.decode(generated)
-            if text.endswith("\ufffd"):
-                continue  # half of a multi-byte character: wait for the rest
-            cut = min((i for i in (text.find(x) for x in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-            ready = len(text) - holdback
-            if ready > len(emitted):
-                yield Chunk(text[len(emitted):ready], None, len(ids), len(generated))
-                emitted = text[:ready]
-        yield Chunk(text[len(emitted):].replace("\ufffd", ""), finish, len(ids), len(generated))
-
-    def complete(self, prompt: str, params: SamplingParams) -> Completion:
-        """The whole stream joined: what /generate and the OIP text_output return, so both equal
-        the concatenated /generate_stream events for the same seed."""
-        chunks = list(self.stream(prompt, params))
-        last = chunks[-1]
-        return Completion("".join(ch.text for ch in chunks), last.finish_reason, last.prompt_tokens,
-                          last.completion_tokens)

@@ -65,9 +65,10 @@ SAMPLE = ModelContract(
 GENERATE = ModelContract(
     "generate", "generate", "text-generation", "tiny",
     [TensorSpec("input_ids", "int64", [-1, -1], ["batch", "sequence"]),
+     TensorSpec("attention_mask", "int64", [-1, -1], ["batch", "past_and_sequence"]),
      TensorSpec("position_ids", "int64", [-1, -1], ["batch", "sequence"]),
      TensorSpec("past.0.key", "float32", [-1, 2, -1, 4], ["batch", "head", "past_sequence", "head_dim"])],
-    [TensorSpec("logits", "float32", [-1, -1, 50], ["batch", "sequence", "vocab"])],
+    [TensorSpec("logits", "float32", [-1, 1, 50], ["batch", "last", "vocab"])],
     limits={"max_new_tokens": 20, "context_window": 32, "max_prompt_chars": 100, "max_batch": 4})
 
 
@@ -177,12 +178,21 @@ def test_sampling_parameters_parsed_once_for_every_front_end():
     (ImageGeneration(), SAMPLE, {"latent": np.zeros((2, 4), np.float32), "class_id": np.array([0, 3])}, 400, "class_id"),
     (ImageGeneration(), SAMPLE, {"latent": np.zeros((7, 4), np.float32), "class_id": np.zeros(7, np.int64)}, 400, "latent"),
     (ImageGeneration(), SAMPLE, {"latent": np.full((1, 4), np.inf, np.float32), "class_id": np.zeros(1, np.int64)}, 400, "latent"),
-    (TextGeneration(), GENERATE, {"input_ids": np.array([[50]]), "position_ids": np.array([[0]]),
-                                  "past.0.key": np.zeros((1, 2, 0, 4), np.float32)}, 400, "input_ids"),  # vocab 50
-    (TextGeneration(), GENERATE, {"input_ids": np.zeros((1, 3), np.int64), "position_ids": np.zeros((1, 3), np.int64),
-                                  "past.0.key": np.zeros((1, 2, 30, 4), np.float32)}, 400, "input_ids"),  # window 32
-    (TextGeneration(), GENERATE, {"input_ids": np.zeros((1, 1), np.int64), "position_ids": np.array([[32]]),
-                                  "past.0.key": np.zeros((1, 2, 0, 4), np.float32)}, 400, "position_ids"),
+    (TextGeneration(), GENERATE, {"input_ids": np.array([[50]]), "attention_mask": np.ones((1, 1), np.int64),
+                                  "position_ids": np.array([[0]]), "past.0.key": np.zeros((1, 2, 0, 4), np.float32)},
+     400, "input_ids"),  # vocab 50
+    (TextGeneration(), GENERATE, {"input_ids": np.zeros((1, 3), np.int64), "attention_mask": np.ones((1, 33), np.int64),
+                                  "position_ids": np.zeros((1, 3), np.int64), "past.0.key": np.zeros((1, 2, 30, 4), np.float32)},
+     400, "input_ids"),  # window 32
+    (TextGeneration(), GENERATE, {"input_ids": np.zeros((1, 1), np.int64), "attention_mask": np.ones((1, 1), np.int64),
+                                  "position_ids": np.array([[32]]), "past.0.key": np.zeros((1, 2, 0, 4), np.float32)},
+     400, "position_ids"),
+    (TextGeneration(), GENERATE, {"input_ids": np.zeros((1, 2), np.int64), "attention_mask": np.ones((1, 3), np.int64),
+                                  "position_ids": np.zeros((1, 2), np.int64), "past.0.key": np.zeros((1, 2, 0, 4), np.float32)},
+     400, "attention_mask"),  # 3 mask slots for 0 past + 2 new
+    (TextGeneration(), GENERATE, {"input_ids": np.zeros((1, 2), np.int64), "attention_mask": np.ones((1, 2), np.int64),
+                                  "position_ids": np.zeros((1, 1), np.int64), "past.0.key": np.zeros((1, 2, 0, 4), np.float32)},
+     400, "position_ids"),
 ])
 def test_tensor_limits(handler, contract, feeds, status, field):
     handle = FakeHandle(contract, lambda f: {})

@@ -36,6 +36,9 @@ class ExportSpec:
     output_names: list[str]
     dynamic_shapes: Any  # torch.export dynamic shapes, matching example_inputs
     parity_inputs: list[tuple[torch.Tensor, ...]]  # held-out inputs for the ONNX Runtime check
+    # Inputs paired with the outputs the graph must give, computed another way (each row of a padded
+    # batch run alone); NaN marks values that are not compared (padding).
+    reference_checks: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = field(default_factory=list)
 
 
 class Family:
@@ -47,6 +50,9 @@ class Family:
     higher_is_better: bool = True
     floor: float = 0.0  # quality floor of the standard profile
     requires: tuple[str, ...] = ()  # families whose checkpoints this one needs (the GAN's judge)
+    # Bumped when the exported graph's interface changes: `--build-missing` re-exports stored
+    # versions of an older graph from their checkpoint.
+    graph_version: int = 1
 
     # --- model and data ---
     def build(self, cfg) -> nn.Module:

@@ -9,6 +9,7 @@ routes before claiming a path (its own /livez, /readyz, /metrics and UI stay Ben
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -119,33 +120,55 @@ class Response:
         self.headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                         *(headers or ())]
 
-    async def send(self, send) -> None:
+    async def send(self, send, receive=None) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body})
 
 
 class StreamingResponse:
-    """Chunks from an async iterator of bytes (server-sent events)."""
+    """Chunks from an async iterator of bytes (server-sent events). When the client disconnects the
+    iteration is stopped and the iterator closed, so whatever produces the chunks (a generation in
+    the text engine) stops too: servers accept writes to a closed connection silently."""
 
     def __init__(self, chunks, content_type: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None):
         self.status = status
         self.chunks = chunks
         self.headers = [(b"content-type", content_type), *(headers or ())]
 
-    async def send(self, send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        async for chunk in self.chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+    async def send(self, send, receive=None) -> None:
+        streaming = asyncio.current_task()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            streaming.cancel()
+
+        watcher = asyncio.ensure_future(watch()) if receive is not None else None
+        try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.done():
+                raise
+            streaming.uncancel()  # the client left; nothing more to send
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            close = getattr(self.chunks, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def json_response(payload: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
     return Response(json.dumps(payload).encode(), status, JSON, headers)
 
 
-def error_response(exc: ServingError) -> Response:
+def error_response(exc: ServingError, body: Callable[[ServingError], Any] | None = None) -> Response:
+    """``body`` shapes the JSON (a protocol's own error object); ours by default."""
     headers = [(b"retry-after", str(max(1, round(exc.retry_after))).encode())] if exc.retry_after else None
-    return json_response(exc.to_json(), exc.status, headers)
+    return json_response(body(exc) if body is not None else exc.to_json(), exc.status, headers)
 
 
 Handler = Callable[[Request], Awaitable[Any]]
@@ -156,12 +179,13 @@ class Endpoint:
     names the model for metrics (a path parameter name prefixed with ':' or a fixed name)."""
 
     def __init__(self, frontend: "HttpFrontend", handler: Handler, methods: tuple[str, ...], protocol: str,
-                 model: str | None):
+                 model: str | None, errors: Callable[[ServingError], Any] | None = None):
         self.frontend = frontend
         self.handler = handler
         self.methods = methods
         self.protocol = protocol
         self.model = model
+        self.errors = errors
 
     async def __call__(self, scope, receive, send) -> None:
         started = time.perf_counter()
@@ -171,23 +195,26 @@ class Endpoint:
                 raise unavailable("server", "starting: models are not loaded yet", retry_after=1)
             if scope["method"] not in self.methods:
                 response = error_response(ServingError(None, f"method {scope['method']} not allowed; use "
-                                                             f"{' or '.join(self.methods)}", 405))
+                                                             f"{' or '.join(self.methods)}", 405), self.errors)
                 response.headers.append((b"allow", ", ".join(self.methods).encode()))
             else:
                 response = await self.handler(request)
         except ServingError as exc:
-            response = error_response(exc)
+            response = error_response(exc, self.errors)
         except ClientGone:
             return
         except Exception:  # a JSON body clients can parse, and no stack trace in it
             log.exception("%s %s failed", scope["method"], scope["path"])
-            response = error_response(ServingError(None, "internal error; the server log has the details", 500))
+            response = error_response(ServingError(None, "internal error; the server log has the details", 500),
+                                      self.errors)
         self.frontend.count(self._model_label(scope), self.protocol, response.status, time.perf_counter() - started)
         if self.frontend.close_probability and random.random() < self.frontend.close_probability:
             response.headers.append((b"connection", b"close"))
-        await response.send(send)
+        await response.send(send, receive)
 
     def _model_label(self, scope) -> str | None:
+        if "suite.model" in scope:  # set by handlers that read the model from the body
+            return scope["suite.model"]
         if self.model and self.model.startswith(":"):
             return scope.get("path_params", {}).get(self.model[1:])
         return self.model
@@ -223,8 +250,8 @@ class HttpFrontend(Starlette):
         self.close_probability = 1 / keepalive_requests if keepalive_requests else 0.0
 
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
-              model: str | None = None) -> None:
-        endpoint = Endpoint(self, handler, methods, protocol, model)
+              model: str | None = None, errors: Callable[[ServingError], Any] | None = None) -> None:
+        endpoint = Endpoint(self, handler, methods, protocol, model, errors)
         if "{" in path:
             self.router.routes.append(Route(path, endpoint))
         else:

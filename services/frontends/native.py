@@ -15,9 +15,10 @@ from typing import Any
 from services.errors import bad_request, unsupported_media
 from services.frontends.asgi import HttpFrontend, Request, Response, StreamingResponse, json_response
 from services.frontends.multipart import parse_multipart
+from services.textgen import SAMPLING_FIELDS
 
 PNG = b"image/png"
-GENERATE_FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "model")
+GENERATE_FIELDS = ("prompt", *SAMPLING_FIELDS, "model")
 SAMPLE_FIELDS = ("n", "seed", "class_id", "model")
 
 
@@ -131,7 +132,7 @@ def add_native_routes(app: HttpFrontend) -> None:
         stream = await app.plane.generate_stream(prompt_of(body), body, optional_str(body, "model"))
 
         async def events():
-            async for chunk in stream.chunks:
+            async for chunk in stream.chunks():
                 payload: dict[str, Any] = {"text": chunk.text}
                 if chunk.finish_reason is not None:
                     payload.update(finish_reason=chunk.finish_reason, seed=stream.seed,

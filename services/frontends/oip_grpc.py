@@ -7,11 +7,13 @@ The protocol is not restated here: messages and the servicer base are the genera
 connections over them.
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (typed
-``contents`` and ``raw_input_contents`` in; ``raw_output_contents`` out). The rest answers
-UNIMPLEMENTED (the generated servicer's default)."""
+``contents`` and ``raw_input_contents`` in; ``raw_output_contents`` out) and ModelStreamInfer
+(decoupled: text arrives chunk by chunk, as ``tritonclient.grpc``'s ``start_stream`` /
+``async_stream_infer`` expect). The rest answers UNIMPLEMENTED (the generated servicer's default)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -25,6 +27,7 @@ from services.frontends.oip_codec import numpy_dtype, oip_datatype, tensor_from_
 
 log = logging.getLogger("services.frontends.grpc")
 MAX_MESSAGE = 64 * 1024 * 1024
+FINAL, EMPTY_FINAL = "triton_final_response", "triton_enable_empty_final_response"  # Triton's decoupled-model parameters
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
          415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
 
@@ -127,13 +130,75 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             if self.metrics is not None:
                 self.metrics.request(request.model_name, "oip_grpc", status)
-        response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=request.id)
-        for name, array in result.outputs.items():
-            response.outputs.add(name=name, datatype=oip_datatype(array.dtype), shape=list(array.shape))
-            response.raw_output_contents.append(tensor_to_raw(array))
-        for key, value in result.parameters.items():
-            set_parameter(response.parameters[key], value)
-        return response
+        return infer_response(request, result)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Decoupled inference (Triton's convention): every request on the stream is served
+        concurrently; a text model answers with one response per chunk of text, others with one.
+        Each response carries ``triton_final_response``; a request with
+        ``triton_enable_empty_final_response`` gets its data responses marked not final and then an
+        empty final one. A failed request answers ``error_message`` and the stream goes on. When the
+        client cancels the stream, its generations stop."""
+        queue: asyncio.Queue = asyncio.Queue()
+        serving: set[asyncio.Task] = set()
+        read_all = object()
+
+        async def serve(request: pb.ModelInferRequest) -> None:
+            status = 200
+            try:
+                feeds = decode_inputs(request)
+                params = {k: parameter_value(v) for k, v in request.parameters.items()}
+                empty_final = bool(params.pop(EMPTY_FINAL, False))
+                results = await self.plane.infer_stream(request.model_name, request.model_version or None, feeds, params)
+                async for result in results:
+                    response = infer_response(request, result)
+                    set_parameter(response.parameters[FINAL], result.final and not empty_final)
+                    queue.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                if empty_final:
+                    response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                    set_parameter(response.parameters[FINAL], True)
+                    queue.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except ServingError as exc:
+                status = exc.status
+                queue.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc)))
+            except Exception:
+                status = 500
+                log.exception("Open Inference Protocol gRPC ModelStreamInfer failed")
+                queue.put_nowait(pb.ModelStreamInferResponse(error_message="internal error; the server log has the details"))
+            finally:
+                if self.metrics is not None:
+                    self.metrics.request(request.model_name, "oip_grpc_stream", status)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(serve(request))
+                serving.add(task)
+                task.add_done_callback(lambda t: (serving.discard(t), queue.put_nowait(None)))
+            queue.put_nowait(read_all)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            reading = True
+            while reading or serving:
+                item = await queue.get()
+                if item is read_all:
+                    reading = False
+                elif item is not None:
+                    yield item
+        finally:
+            reader.cancel()
+            for task in list(serving):
+                task.cancel()
+
+
+def infer_response(request: pb.ModelInferRequest, result: Any) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=request.id)
+    for name, array in result.outputs.items():
+        response.outputs.add(name=name, datatype=oip_datatype(array.dtype), shape=list(array.shape))
+        response.raw_output_contents.append(tensor_to_raw(array))
+    for key, value in result.parameters.items():
+        set_parameter(response.parameters[key], value)
+    return response
 
 
 class GrpcFrontend:

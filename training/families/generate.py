@@ -1,5 +1,5 @@
 """Text generation: a GPT-2 architecture from Hugging Face transformers, trained from scratch with a
-byte-level BPE tokenizer, exported with a key/value cache for incremental decoding."""
+byte-level BPE tokenizer, exported with a key/value cache for batched incremental decoding."""
 
 from __future__ import annotations
 
@@ -65,8 +65,13 @@ class GPT(nn.Module):
 
 
 class CachedDecoder(nn.Module):
-    """The exported graph: one decoding step over new tokens, given and returning the KV cache as
-    flat tensors (transformers 5 wants a DynamicCache inside; ONNX wants named tensors outside)."""
+    """The exported graph: one decoding step for a batch of rows, given and returning the KV cache as
+    flat tensors (transformers wants a DynamicCache inside; ONNX wants named tensors outside).
+
+    Rows may differ in length and age: the cache is left-padded, ``attention_mask`` (batch, past +
+    new) marks each row's real slots, ``position_ids`` are per row. Only the last position's logits
+    come out (what decoding samples from), which spares a prefill the vocabulary projection of every
+    prompt token; with left padding the last position is a real token in every row."""
 
     def __init__(self, gpt: GPT):
         super().__init__()
@@ -76,19 +81,33 @@ class CachedDecoder(nn.Module):
         self.lm.config._attn_implementation = "eager"
         self.n_layer = gpt.cfg.n_layer
 
-    def forward(self, input_ids, position_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache()
         for i in range(self.n_layer):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        mask = torch.ones(input_ids.shape[0], past[0].shape[2] + input_ids.shape[1], dtype=torch.long)
-        out = self.lm(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                      cache_position=position_ids[0], past_key_values=cache, use_cache=True, return_dict=True)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+def left_padded(rows: list[torch.Tensor], past: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> (input_ids, attention_mask over ``past`` all-real slots +
+    the new ones, position_ids), padded on the left; pad slots hold token 0 and position 0."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), past + width, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, :past] = 1
+        mask[i, past + width - len(r):] = 1
+        positions[i, width - len(r):] = torch.arange(past, past + len(r))
+    return ids, mask, positions
 
 
 def cache_names(n_layer: int, prefix: str) -> list[str]:
@@ -102,6 +121,7 @@ class GenerateFamily(Family):
     primary_metric = "heldout_nats_per_char"
     higher_is_better = False
     floor = 1.7
+    graph_version = 2  # 2: attention_mask + per-row positions in, last-position logits out
     profiles = {
         "quick": {"train": {"steps": 150, "eval_every": 75, "lr": 3e-3, "batch_size": 8, "warmup_steps": 5},
                   "model": {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_positions": 128}},
@@ -171,27 +191,45 @@ class GenerateFamily(Family):
     def export_spec(self, model: GPT, cfg: GenerateConfig, checkpoint: dict) -> ExportSpec:
         decoder = CachedDecoder(model).eval()
         (prompt,) = checkpoint["heldout_examples"][0]
+        prompt = prompt[0]
         head_dim = cfg.n_embd // cfg.n_head
 
         def empty_cache(batch: int):
             return tuple(torch.zeros(batch, cfg.n_head, 0, head_dim) for _ in range(2 * cfg.n_layer))
 
-        def positions(start: int, length: int, batch: int = 1):
-            return torch.arange(start, start + length).expand(batch, length).contiguous()
+        def step(rows: list[torch.Tensor], past: tuple = (), past_length: int = 0):
+            return (*left_padded(rows, past_length), *(past or empty_cache(len(rows))))
 
-        # Parity on a prefill (empty cache), a multi-token step and a one-token decoding step, on the
-        # held-out prompt. The traced example has lengths >= 2 so export keeps those axes symbolic.
-        half = prompt.shape[1] // 2
-        first = (prompt[:, :half], positions(0, half), *empty_cache(1))
+        # Same input through PyTorch and ONNX Runtime: a prefill (empty cache), a multi-token step
+        # and a one-token decoding step on two held-out rows. The traced example has sizes >= 2 so
+        # export keeps those axes symbolic.
+        half = len(prompt) // 2
+        first = step([prompt[:half], prompt[1:half + 1]])
         with torch.no_grad():
             present = decoder(*first)[1:]
-            step = (prompt[:, half:-1], positions(half, prompt.shape[1] - 1 - half), *present)
-            present = decoder(*step)[1:]
-        last = (prompt[:, -1:], positions(prompt.shape[1] - 1, 1), *present)
+            middle = step([prompt[half:-1], prompt[half + 1:]], present, half)
+            present = decoder(*middle)[1:]
+        last = step([prompt[-1:], prompt[:1]], present, len(prompt) - 1)
+
+        # Batched decoding: rows of unequal lengths prefilled together (left-padded), then one
+        # decoding step where every row has a different past, must give each row's logits as that
+        # row decoded alone gives them.
+        rows = [prompt, prompt[3:16], prompt[10:15]]
+        prefill = step(rows)
+        with torch.no_grad():
+            padded_present = decoder(*prefill)[1:]
+            alone = [decoder(*step([r]))[0] for r in rows]
+            nexts = [prompt[i:i + 1] for i in (1, 2, 3)]
+            alone_next = [decoder(*step([torch.cat([r, n])]))[0] for r, n in zip(rows, nexts)]
+        _, mask, _ = left_padded(rows)
+        decode = (torch.stack(nexts), torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1),
+                  torch.tensor([[len(r)] for r in rows]), *padded_present)
+        references = [(prefill, (torch.cat(alone),)), (decode, (torch.cat(alone_next),))]
+
         b, t, p = Dim("batch", min=1, max=64), Dim("sequence", min=1, max=cfg.n_positions), Dim("past", min=0, max=cfg.n_positions)
-        dynamic = ({0: b, 1: t}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in range(2 * cfg.n_layer)))
-        return ExportSpec(decoder, step, ["input_ids", "position_ids", *cache_names(cfg.n_layer, "past")],
-                          ["logits", *cache_names(cfg.n_layer, "present")], dynamic, [first, step, last])
+        dynamic = ({0: b, 1: t}, {0: b, 1: Dim.AUTO}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in range(2 * cfg.n_layer)))
+        return ExportSpec(decoder, middle, ["input_ids", "attention_mask", "position_ids", *cache_names(cfg.n_layer, "past")],
+                          ["logits", *cache_names(cfg.n_layer, "present")], dynamic, [first, middle, last], references)
 
     def contract(self, cfg: GenerateConfig, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
         head_dim = cfg.n_embd // cfg.n_head
@@ -202,8 +240,9 @@ class GenerateFamily(Family):
             name=self.name, family=self.name, task=self.task,
             architecture=f"gpt2-{cfg.n_layer}layer-{cfg.n_embd}wide",
             inputs=[TensorSpec("input_ids", "int64", [-1, -1], ["batch", "sequence"]),
+                    TensorSpec("attention_mask", "int64", [-1, -1], ["batch", "past_and_sequence"]),
                     TensorSpec("position_ids", "int64", [-1, -1], ["batch", "sequence"]), *past],
-            outputs=[TensorSpec("logits", "float32", [-1, -1, cfg.vocab_size], ["batch", "sequence", "vocab"]), *present],
+            outputs=[TensorSpec("logits", "float32", [-1, 1, cfg.vocab_size], ["batch", "last", "vocab"]), *present],
             limits={"max_new_tokens": cfg.max_new_tokens_cap, "context_window": cfg.n_positions,
                     "max_prompt_chars": 20_000, "max_batch": 64},
             extra={"tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT, "n_layer": cfg.n_layer,

@@ -1,0 +1,382 @@
+"""The text engine: continuous batching over the exported GPT decoder (Orca/vLLM-style iteration
+scheduling, without paged memory).
+
+One thread per loaded text model runs the step loop. Between steps it admits waiting requests
+(prefilled together, left-padded), then advances every live sequence by one token in one session
+run, samples each row with that row's own parameters and generator, hands out text as complete
+characters, and retires finished or abandoned rows. The KV cache of the batch is one array per
+layer and kind, (rows, heads, slots, head_dim), left-padded: row i's real slots are its last
+``lengths[i]``; ``attention_mask`` hides the rest, and ``position_ids`` are per row.
+
+Requests come from asyncio front-ends; results go back with one ``call_soon_threadsafe`` per step
+and event loop, and a reader that falls behind gets the text of several steps as one chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import numpy as np
+
+from contract import ModelContract
+from services.errors import ServingError, bad_request, unavailable
+from services.textgen import Chunk, Completion, Detokenizer, RowSampler, SamplingParams
+
+log = logging.getLogger("services.textengine")
+Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_live: int = 32  # sequences decoded together; more wait
+    max_waiting: int = 64  # requests waiting for a row; more are refused (503 / UNAVAILABLE)
+    prefill_tokens: int = 2048  # padded prompt tokens prefilled in one session run
+
+
+class EngineObserver:
+    """What the engine reports (metrics); the default reports nowhere."""
+
+    def sequences(self, live: int, waiting: int) -> None: ...
+    def ran(self, rows: int, seconds: float) -> None: ...
+    def occupancy(self, fraction: float) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def finished(self, tokens: int, seconds_per_token: float | None) -> None: ...
+
+
+class Sequence:
+    """One request's row: its prompt, sampler, detokenizer and the chunks waiting for its reader."""
+
+    _ids = itertools.count()
+
+    def __init__(self, engine: "TextEngine", prompt_ids: list[int], params: SamplingParams,
+                 loop: asyncio.AbstractEventLoop):
+        self.id = next(self._ids)
+        self.engine = engine
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.loop = loop
+        self.sampler = RowSampler(params, prompt_ids, engine.vocab)
+        self.detokenizer = Detokenizer(engine.tokenizer, params.stop)
+        self.generated = 0
+        self.last_token = prompt_ids[-1]
+        self.finish_reason: str | None = None
+        self.error: ServingError | None = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.pending: collections.deque[Chunk] = collections.deque()  # engine thread -> reader
+        self.ready = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None or self.cancelled
+
+    def cancel(self) -> None:
+        """The reader is gone: the engine drops the row before its next step."""
+        self.cancelled = True
+
+    # ---- engine thread ----
+
+    def add_token(self, token: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        params = self.params
+        if token == self.engine.end_of_text and not params.ignore_eos:
+            self.finish_reason = "stop"
+        else:
+            self.generated += 1
+            self.last_token = token
+            if self.detokenizer.push(token):
+                self.finish_reason = "stop"
+            elif self.generated >= params.max_new_tokens:
+                self.finish_reason = "length"
+        text = self.detokenizer.take(final=self.finish_reason is not None)
+        if text or self.finish_reason is not None:
+            self.pending.append(Chunk(text, self.finish_reason, len(self.prompt_ids), self.generated))
+
+    def fail(self, error: ServingError) -> None:
+        self.error = error
+
+    # ---- reader (event loop) ----
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """Chunks as they come; what piled up since the last read is joined into one. Leaving the
+        loop early (the client went away) frees the row."""
+        try:
+            while True:
+                if not self.pending and self.error is None:
+                    await self.ready.wait()
+                    self.ready.clear()
+                if self.pending:
+                    text, last = [], None
+                    while self.pending:
+                        last = self.pending.popleft()
+                        text.append(last.text)
+                    yield Chunk("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+                    if last.finish_reason is not None:
+                        return
+                elif self.error is not None:
+                    raise self.error
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+
+    async def complete(self) -> Completion:
+        text, last = [], None
+        async for chunk in self.chunks():
+            text.append(chunk.text)
+            last = chunk
+        return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+class TextEngine:
+    """Continuous batching for one loaded text model. ``run`` is its session's run (feeds ->
+    outputs by name); the tokenizer and the limits come from the model's contract and folder."""
+
+    def __init__(self, name: str, run: Run, contract: ModelContract, folder: Path,
+                 limits: EngineLimits = EngineLimits(), observer: EngineObserver | None = None):
+        from tokenizers import Tokenizer
+
+        if "attention_mask" not in {t.name for t in contract.inputs}:
+            raise ValueError(f"{name} was exported before batched decoding (no attention_mask input); "
+                             f"re-export it: python -m export {contract.family}")
+        self.name = name
+        self.run = run
+        extra = contract.extra
+        self.tokenizer = Tokenizer.from_file(str(folder / extra["tokenizer_file"]))
+        self.end_of_text = self.tokenizer.token_to_id(extra["end_of_text"])
+        self.n_layer, self.n_head, self.head_dim = extra["n_layer"], extra["n_head"], extra["head_dim"]
+        self.vocab = contract.output("logits").shape[-1]
+        self.window = contract.limits["context_window"]
+        self.cap = contract.limits["max_new_tokens"]
+        self.max_prompt_chars = contract.limits["max_prompt_chars"]
+        self.limits = EngineLimits(min(limits.max_live, contract.max_batch or limits.max_live), limits.max_waiting,
+                                   limits.prefill_tokens)
+        self.observer = observer or EngineObserver()
+        self._past_names = [f"past.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        self._present_names = [n.replace("past", "present") for n in self._past_names]
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._live: list[Sequence] = []
+        self._cache: list[np.ndarray] = []  # per past name: (rows, heads, slots, head_dim)
+        self._lengths = np.zeros(0, np.int64)  # real slots per row
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"text-engine-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- requests (event loop) ----------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+        if len(prompt) > self.max_prompt_chars:
+            raise bad_request("prompt", f"{len(prompt)} characters; the limit is {self.max_prompt_chars}")
+        ids = self.tokenizer.encode(prompt).ids if prompt else []
+        if not ids:
+            ids = [self.end_of_text]  # an empty prompt starts a fresh document
+        if len(ids) + max_new_tokens > self.window:
+            raise bad_request("prompt", f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
+                                        f"context window of {self.window} tokens")
+        return ids
+
+    def submit(self, requests: list[tuple[str, SamplingParams]]) -> list[Sequence]:
+        """Queues requests (all or none): checks each, refuses with 503 when the waiting room is full."""
+        loop = asyncio.get_running_loop()
+        sequences = []
+        for prompt, params in requests:
+            params.validate(self.cap)
+            sequences.append(Sequence(self, self.encode_prompt(prompt, params.max_new_tokens), params, loop))
+        with self._wake:
+            if self._closed:
+                raise unavailable("model", f"{self.name} is shutting down", retry_after=1)
+            if len(self._waiting) + len(sequences) > self.limits.max_waiting:
+                raise unavailable("model", f"{self.name} is busy: {len(self._live)} sequences decoding and "
+                                           f"{len(self._waiting)} waiting (limit {self.limits.max_waiting})",
+                                  retry_after=1)
+            self._waiting.extend(sequences)
+            self.observer.sequences(len(self._live), len(self._waiting))
+            self._wake.notify()
+        return sequences
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the loop; requests still waiting or decoding end with 503."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # ---- the step loop (engine thread) ---------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting and not self._live:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                admitted = self._admit()
+            try:
+                self._retire()
+                if admitted:
+                    self._prefill(admitted)
+                    self._retire()
+                if self._live:
+                    self._decode()
+                    self._retire()
+            except Exception:  # noqa: BLE001 - the loop must survive a failed run
+                log.exception("%s: a decoding step failed; failing its %d sequences", self.name, len(self._live))
+                for seq in self._live:
+                    seq.fail(ServingError(None, "internal error while decoding; the server log has the details", 500))
+                self._deliver(self._live)
+                self._live, self._cache, self._lengths = [], [], np.zeros(0, np.int64)
+        error = unavailable("model", f"{self.name} is shutting down", retry_after=1)
+        with self._wake:
+            stranded = [*self._live, *self._waiting]
+            self._waiting.clear()
+        for seq in stranded:
+            seq.fail(error)
+        self._deliver(stranded)
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting requests that fit: free rows, and a bound on padded prefill tokens (called with
+        the lock held)."""
+        admitted: list[Sequence] = []
+        width = 0
+        while self._waiting and len(self._live) + len(admitted) < self.limits.max_live:
+            seq = self._waiting[0]
+            if seq.cancelled:
+                self._waiting.popleft()
+                continue
+            wider = max(width, len(seq.prompt_ids))
+            if admitted and wider * (len(admitted) + 1) > self.limits.prefill_tokens:
+                break
+            width = wider
+            admitted.append(self._waiting.popleft())
+        if admitted:
+            self.observer.sequences(len(self._live) + len(admitted), len(self._waiting))
+        return admitted
+
+    def _prefill(self, admitted: list[Sequence]) -> None:
+        """Runs the new rows' prompts together (left-padded), samples their first token and joins
+        their cache to the batch's."""
+        width = max(len(s.prompt_ids) for s in admitted)
+        rows = len(admitted)
+        ids = np.zeros((rows, width), np.int64)
+        positions = np.zeros((rows, width), np.int64)
+        lengths = np.array([len(s.prompt_ids) for s in admitted], np.int64)
+        for i, seq in enumerate(admitted):
+            n = len(seq.prompt_ids)
+            ids[i, width - n:] = seq.prompt_ids
+            positions[i, width - n:] = np.arange(n)
+        empty = np.zeros((rows, self.n_head, 0, self.head_dim), np.float32)
+        feeds = {"input_ids": ids, "attention_mask": self._mask(lengths, width), "position_ids": positions,
+                 **{name: empty for name in self._past_names}}
+        outputs = self._run(feeds, rows)
+        self._sample(admitted, outputs["logits"])
+        self._join(admitted, [outputs[n] for n in self._present_names], lengths)
+
+    def _decode(self) -> None:
+        """One token for every live row."""
+        live, lengths = self._live, self._lengths
+        slots = self._cache[0].shape[2]
+        feeds = {"input_ids": np.array([[s.last_token] for s in live], np.int64),
+                 "attention_mask": self._mask(lengths + 1, slots + 1),
+                 "position_ids": lengths[:, None].copy(),
+                 **dict(zip(self._past_names, self._cache))}
+        outputs = self._run(feeds, len(live))
+        self.observer.occupancy(len(live) / self.limits.max_live)
+        self._cache = [outputs[n] for n in self._present_names]
+        self._lengths = lengths + 1
+        self._sample(live, outputs["logits"])
+
+    def _run(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        outputs = self.run(feeds)
+        self.observer.ran(rows, time.perf_counter() - started)
+        return outputs
+
+    @staticmethod
+    def _mask(lengths: np.ndarray, slots: int) -> np.ndarray:
+        """(rows, slots) with ones on each row's last ``lengths[i]`` slots."""
+        return (np.arange(slots) >= (slots - lengths)[:, None]).astype(np.int64)
+
+    def _sample(self, sequences: list[Sequence], logits: np.ndarray) -> None:
+        for seq, row in zip(sequences, logits[:, -1]):
+            if not seq.cancelled:
+                first = seq.first_token_at is None
+                seq.add_token(seq.sampler.next(row))
+                if first:
+                    self.observer.first_token(seq.first_token_at - seq.submitted)
+        self._deliver(sequences)
+
+    def _join(self, admitted: list[Sequence], cache: list[np.ndarray], lengths: np.ndarray) -> None:
+        """Adds rows to the batch, padding on the left whichever side has fewer slots."""
+        if not self._live:
+            self._live, self._cache, self._lengths = list(admitted), cache, lengths
+            return
+        have, new = self._cache[0].shape[2], cache[0].shape[2]
+        width = max(have, new)
+
+        def pad(arrays: list[np.ndarray], slots: int) -> list[np.ndarray]:
+            if slots == width:
+                return arrays
+            return [np.pad(a, ((0, 0), (0, 0), (width - slots, 0), (0, 0))) for a in arrays]
+
+        self._cache = [np.concatenate(pair) for pair in zip(pad(self._cache, have), pad(cache, new))]
+        self._live = self._live + admitted
+        self._lengths = np.concatenate([self._lengths, lengths])
+
+    def _retire(self) -> None:
+        """Drops finished, failed and abandoned rows, then the slots no remaining row uses."""
+        live = self._live
+        keep = [i for i, s in enumerate(live) if not s.done]
+        if len(keep) == len(live):
+            return
+        now = time.perf_counter()
+        for seq in live:
+            if seq.done:  # tokens of abandoned rows count too; their time per token does not
+                complete = seq.finish_reason is not None and seq.generated > 1
+                per_token = (now - seq.first_token_at) / (seq.generated - 1) if complete else None
+                self.observer.finished(seq.generated, per_token)
+        with self._wake:
+            self._live = [live[i] for i in keep]
+            self.observer.sequences(len(self._live), len(self._waiting))
+        if not keep:
+            self._cache, self._lengths = [], np.zeros(0, np.int64)
+            return
+        lengths = self._lengths[keep]
+        slots, needed = self._cache[0].shape[2], int(lengths.max())
+        index = np.asarray(keep)
+        self._cache = [np.ascontiguousarray(a[index, :, slots - needed:]) for a in self._cache]
+        self._lengths = lengths
+
+    def _deliver(self, sequences: list[Sequence]) -> None:
+        """Wakes the readers that have something new: one hop per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Sequence]] = {}
+        for seq in sequences:
+            if seq.pending or seq.error is not None:
+                by_loop.setdefault(seq.loop, []).append(seq)
+        for loop, ready in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_set_ready, ready)
+            except RuntimeError:  # that loop has closed: nobody is reading
+                for seq in ready:
+                    seq.cancel()
+
+
+def _set_ready(sequences: list[Sequence]) -> None:
+    for seq in sequences:
+        seq.ready.set()

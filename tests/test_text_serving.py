@@ -1,0 +1,170 @@
+"""Text generation through a real `bentoml serve`: the official `openai` client (completions,
+streaming, several prompts, errors), `tritonclient.grpc` streaming (Triton's decoupled
+convention), concurrent /generate requests answered as if each were alone, and the text metrics."""
+
+from __future__ import annotations
+
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openai
+import pytest
+import requests
+import tritonclient.grpc as tgrpc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_completion_and_stream_agree(client):
+    plain = client.completions.create(model="generate", prompt="The list", max_tokens=12, seed=3, temperature=0.8)
+    (choice,) = plain.choices
+    assert choice.finish_reason in ("length", "stop") and plain.object == "text_completion"
+    assert plain.usage.completion_tokens <= 12 and plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    assert plain.model.startswith("generate:")
+
+    pieces, finish, usage = [], None, None
+    for chunk in client.completions.create(model="generate", prompt="The list", max_tokens=12, seed=3, temperature=0.8,
+                                           stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        else:
+            usage = chunk.usage
+    assert "".join(pieces) == choice.text and finish == choice.finish_reason
+    assert usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_openai_prompt_list_n_echo_and_penalties(client):
+    prompts = ["A dict", "import"]
+    result = client.completions.create(model="generate", prompt=prompts, n=2, max_tokens=8, seed=10, echo=True,
+                                       presence_penalty=0.5, frequency_penalty=0.5,
+                                       extra_body={"top_k": 20, "repetition_penalty": 1.1})
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    for c in result.choices:
+        assert c.text.startswith(prompts[c.index // 2])
+    # Choice i of a prompt has seed + i: choice 1 equals a single request with seed 11.
+    alone = client.completions.create(model="generate", prompt="A dict", max_tokens=8, seed=11, echo=True,
+                                      presence_penalty=0.5, frequency_penalty=0.5,
+                                      extra_body={"top_k": 20, "repetition_penalty": 1.1})
+    assert alone.choices[0].text == result.choices[1].text
+
+    streamed = {}
+    for chunk in client.completions.create(model="generate", prompt=prompts, max_tokens=6, seed=4, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    plain = client.completions.create(model="generate", prompt=prompts, max_tokens=6, seed=4)
+    assert streamed == {c.index: c.text for c in plain.choices}
+
+
+def test_openai_errors_and_models(client, server):
+    assert [m.id for m in client.models.list()] == ["generate"]
+    assert client.models.retrieve("generate").root.startswith("generate:")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="generate", prompt="x", max_tokens=100_000)
+    assert bad.value.body["param"] == "max_tokens" and bad.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.completions.create(model="generate", prompt="x", logprobs=2)
+    assert unsupported.value.body["param"] == "logprobs"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="no-such-model", prompt="x")
+    assert missing.value.body["code"] == "model_not_found"
+    r = requests.post(f"{server.url}/v1/completions", data=b"{oops", headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+
+
+def stream_text(grpc_url: str, prompt: str, parameters: dict, empty_final: bool) -> tuple[list[str], dict]:
+    """One request over ModelStreamInfer -> (text of each data response, the last parameters)."""
+    responses: queue.Queue = queue.Queue()
+    client = tgrpc.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        text_input = tgrpc.InferInput("text_input", [1], "BYTES")
+        text_input.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        client.async_stream_infer("generate", [text_input], request_id="r1", parameters=parameters,
+                                  enable_empty_final_response=empty_final)
+        pieces, last = [], {}
+        while True:
+            result, error = responses.get(timeout=60)
+            assert error is None, error
+            response = result.get_response()
+            assert response.id == "r1"
+            text = result.as_numpy("text_output")
+            if text is not None:
+                pieces.append(text[0].decode())
+                last = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()}
+            if response.parameters["triton_final_response"].bool_param:
+                return pieces, last
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.parametrize("empty_final", [False, True])
+def test_grpc_stream_sends_text_as_it_comes(server, empty_final):
+    params = {"max_new_tokens": 16, "seed": 8, "temperature": 0.7}
+    native = requests.post(f"{server.url}/generate", json={"prompt": "The list", **params}, timeout=60).json()
+    pieces, last = stream_text(f"127.0.0.1:{server.grpc_port}", "The list", params, empty_final)
+    assert "".join(pieces) == native["text"]
+    assert len(pieces) > 1  # chunk by chunk, not one answer at the end
+    assert last["finish_reason"] == native["finish_reason"] and last["seed"] == 8
+    assert last["completion_tokens"] == native["usage"]["completion_tokens"]
+
+
+def test_grpc_stream_reports_bad_requests_in_band(server):
+    responses: queue.Queue = queue.Queue()
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        text_input = tgrpc.InferInput("text_input", [1], "BYTES")
+        text_input.set_data_from_numpy(np.array([b"x"], dtype=object))
+        client.async_stream_infer("generate", [text_input], parameters={"max_new_tokens": 0})
+        result, error = responses.get(timeout=30)
+        assert result is None and "max_new_tokens" in error.message()
+        client.async_stream_infer("generate", [text_input], parameters={"max_new_tokens": 2})  # the stream goes on
+        result, error = responses.get(timeout=30)
+        assert error is None and result.as_numpy("text_output") is not None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_concurrent_generations_equal_sequential(server):
+    bodies = [{"prompt": p, "max_new_tokens": 24, "seed": i, "temperature": 0.9}
+              for i, p in enumerate(["The", "A list", "import os", "def f(x):", "Classes", "The with", "x = [", "# "])]
+    post = lambda body: requests.post(f"{server.url}/generate", json=body, timeout=120).json()  # noqa: E731
+    alone = [post(b) for b in bodies]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(post, bodies))
+    assert [t["text"] for t in together] == [a["text"] for a in alone]
+    assert all(a["model"].startswith("generate:") for a in alone)
+
+
+def test_stream_disconnect_frees_the_row(server):
+    body = {"prompt": "The", "max_new_tokens": 100, "ignore_eos": True, "temperature": 1.0}
+    with requests.post(f"{server.url}/generate_stream", json=body, stream=True, timeout=60) as r:
+        next(r.iter_lines())  # started, then the client goes away
+    # Every worker's engine ends idle: nothing live or waiting once the abandoned row is dropped.
+    for _ in range(100):
+        text = requests.get(f"{server.url}/metrics", timeout=30).text
+        live = [line for line in text.splitlines() if line.startswith('suite_text_sequences{model="generate",state="live"}')]
+        if live and float(live[0].split()[-1]) == 0:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"a row stayed live after its client left: {live}")
+
+
+def test_text_metrics(server):
+    requests.post(f"{server.url}/generate", json={"prompt": "The", "max_new_tokens": 5}, timeout=60)
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    for name in ('suite_time_to_first_token_seconds_count{model="generate"}',
+                 'suite_time_per_output_token_seconds_count{model="generate"}',
+                 'suite_generated_tokens_total{model="generate"}', 'suite_text_batch_occupancy_count{model="generate"}',
+                 'suite_text_sequences{model="generate",state="waiting"}',
+                 'suite_requests_total{model="generate",protocol="openai",status="200"}'):
+        assert name in text, name

@@ -1,0 +1,157 @@
+"""The text engine without a server, on the quick-profile GPT exported by the conftest: batched
+rows of different lengths decode as each row alone, a seed's text does not depend on the batch
+companions, a cancelled row is freed, and the limits hold."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from services.errors import ServingError
+from services.textengine import EngineLimits, EngineObserver, TextEngine
+from services.textgen import SamplingParams
+
+PROMPTS = ["The", "import os\nimport sys\n\ndef main(argv):\n    return", "A list", "Dictionaries are mutable mappings"]
+
+
+class Recorder(EngineObserver):
+    def __init__(self):
+        self.rows: list[int] = []
+        self.live: list[int] = []
+
+    def ran(self, rows: int, seconds: float) -> None:
+        self.rows.append(rows)
+
+    def sequences(self, live: int, waiting: int) -> None:
+        self.live.append(live)
+
+
+@pytest.fixture(scope="module")
+def model(built_models):
+    import bentoml
+
+    from services.runtime import OnnxSession
+
+    folder = Path(bentoml.models.get("generate").path)
+    return OnnxSession(folder / "model.onnx", intra_op_threads=1), folder
+
+
+def engine_for(model, **limits) -> tuple[TextEngine, Recorder]:
+    session, folder = model
+    recorder = Recorder()
+    return TextEngine("generate", session.run, session.contract, folder, EngineLimits(**limits), recorder), recorder
+
+
+async def generate(engine: TextEngine, prompt: str, **params) -> str:
+    (sequence,) = engine.submit([(prompt, SamplingParams(**params))])
+    return (await sequence.complete()).text
+
+
+def test_batched_rows_decode_as_each_alone(model):
+    engine, recorder = engine_for(model)
+
+    async def main():
+        greedy = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
+        alone = [await generate(engine, p, **greedy) for p in PROMPTS]
+        together = await asyncio.gather(*(generate(engine, p, **greedy) for p in PROMPTS))
+        return alone, together
+
+    try:
+        alone, together = asyncio.run(main())
+    finally:
+        engine.close()
+    assert together == alone
+    assert max(recorder.rows) == len(PROMPTS)  # they did share session runs
+
+
+def test_seeded_text_ignores_batch_companions(model):
+    engine, recorder = engine_for(model)
+
+    async def main():
+        params = dict(max_new_tokens=30, temperature=0.9, top_p=0.95, repetition_penalty=1.2, seed=123)
+        alone = await generate(engine, PROMPTS[1], **params)
+        # The same request among others with other prompts, seeds and parameters, started at once
+        # and (the second time) after the others are already decoding: a different age in the batch.
+        crowd = [generate(engine, p, max_new_tokens=40, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
+        first = await asyncio.gather(generate(engine, PROMPTS[1], **params), *crowd)
+        late = [asyncio.ensure_future(generate(engine, p, max_new_tokens=60, seed=9, ignore_eos=True)) for p in PROMPTS]
+        await asyncio.sleep(0.05)
+        second = await generate(engine, PROMPTS[1], **params)
+        await asyncio.gather(*late)
+        return alone, first[0], second
+
+    try:
+        alone, first, second = asyncio.run(main())
+    finally:
+        engine.close()
+    assert first == alone and second == alone
+    assert max(recorder.rows) > 1
+
+
+def test_cancelled_row_is_freed_and_others_finish(model):
+    engine, recorder = engine_for(model)
+
+    async def main():
+        long = dict(max_new_tokens=100, temperature=1.0, seed=1, ignore_eos=True)
+        (abandoned,) = engine.submit([(PROMPTS[0], SamplingParams(**long))])
+        (kept,) = engine.submit([(PROMPTS[2], SamplingParams(**long))])
+        chunks = abandoned.chunks()
+        await chunks.__anext__()  # decoding has started
+        await chunks.aclose()  # the reader leaves, as a disconnected client's stream does
+        done = await kept.complete()
+        for _ in range(200):  # the engine retires rows right after handing out their last chunk
+            if engine.live == 0:
+                break
+            await asyncio.sleep(0.01)
+        return abandoned, done
+
+    try:
+        abandoned, done = asyncio.run(main())
+    finally:
+        engine.close()
+    assert abandoned.cancelled and abandoned.generated < 100
+    assert done.completion_tokens == 100
+    assert engine.live == 0
+
+
+def test_limits_refuse_and_bound_the_batch(model):
+    engine, recorder = engine_for(model, max_live=2, max_waiting=3)
+
+    async def main():
+        params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+        with pytest.raises(ServingError) as refused:
+            engine.submit([(p, params) for p in PROMPTS])  # 4 > 3 waiting: all refused, none queued
+        sequences = engine.submit([(p, params) for p in PROMPTS[:3]])
+        return refused.value, await asyncio.gather(*(s.complete() for s in sequences))
+
+    try:
+        refused, texts = asyncio.run(main())
+    finally:
+        engine.close()
+    assert refused.status == 503 and refused.retry_after
+    assert all(t.completion_tokens == 20 for t in texts)
+    assert max(recorder.rows) == 2 and max(recorder.live) <= 2  # never more than max_live rows decoding
+
+
+def test_bad_requests_and_close(model):
+    engine, _ = engine_for(model)
+
+    async def main():
+        with pytest.raises(ServingError) as too_long:
+            engine.submit([("word " * 400, SamplingParams(max_new_tokens=10))])
+        with pytest.raises(ServingError) as too_many:
+            engine.submit([("x", SamplingParams(max_new_tokens=10_000))])
+        (pending,) = engine.submit([("x", SamplingParams(max_new_tokens=100, ignore_eos=True))])
+        started = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        with pytest.raises(ServingError) as closed:
+            await pending.complete()
+        return too_long.value, too_many.value, closed.value, time.monotonic() - started
+
+    too_long, too_many, closed, _ = asyncio.run(main())
+    assert (too_long.status, too_long.field) == (400, "prompt")
+    assert (too_many.status, too_many.field) == (400, "max_new_tokens")
+    assert closed.status == 503

@@ -48,6 +48,8 @@ class ServingConfig:
     text_max_live: int = 32  # sequences a text model decodes together per worker (capped by its contract's max_batch)
     text_max_waiting: int = 64  # text requests waiting for a row per worker; more are refused with 503 / UNAVAILABLE
     text_prefill_tokens: int = 2048  # padded prompt tokens prefilled in one session run (bounds the others' stall)
+    text_stream_interval_ms: float = 10.0  # a stream's reader is woken at most this often (first and last chunk at
+    #   once); text in between goes out joined. Measured at 8 streams: 2,100-2,600 tokens/s with 0, 3,100 with 10
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown --arg keys, reported
 
     @property
@@ -85,7 +87,8 @@ class ServingConfig:
         unknown = [m for m in self.models if m not in FAMILIES]
         if unknown:
             raise ValueError(f"models: unknown {unknown}; known: {list(FAMILIES)}")
-        for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "keepalive_requests", "text_max_waiting"):
+        for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "keepalive_requests", "text_max_waiting",
+                     "text_stream_interval_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("inter_op_threads", "max_batch_size", "max_queue", "max_body_bytes", "batch_concurrency",

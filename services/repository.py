@@ -215,7 +215,8 @@ class ModelRepository:
         if session.contract.task != "text-generation":
             return None
         config = self.config
-        limits = EngineLimits(config.text_max_live, config.text_max_waiting, config.text_prefill_tokens)
+        limits = EngineLimits(config.text_max_live, config.text_max_waiting, config.text_prefill_tokens,
+                              config.text_stream_interval_ms / 1000)
         return TextEngine(stored.tag, session.run, session.contract, stored.folder, limits,
                           self._observer_for(stored.name))
 

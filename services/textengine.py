@@ -4,9 +4,15 @@ scheduling, without paged memory).
 One thread per loaded text model runs the step loop. Between steps it admits waiting requests
 (prefilled together, left-padded), then advances every live sequence by one token in one session
 run, samples each row with that row's own parameters and generator, hands out text as complete
-characters, and retires finished or abandoned rows. The KV cache of the batch is one array per
-layer and kind, (rows, heads, slots, head_dim), left-padded: row i's real slots are its last
-``lengths[i]``; ``attention_mask`` hides the rest, and ``position_ids`` are per row.
+characters, and retires finished or abandoned rows.
+
+The engine owns the KV cache: per layer and kind one array (rows, heads, slots, head_dim). Live
+sequences occupy rows 0..n-1 (a retired row's place is taken by the last one), row i's real slots
+are its first ``lengths[i]``, and the graph reads ``cache[:n]`` (a view, no copy) with
+``attention_mask`` hiding the rest; it returns only the new tokens' keys/values, which the engine
+writes into the row's next slot. Rows grow in powers of two up to max_live and slots in blocks of
+``SLOT_BLOCK`` up to the context window, and both shrink when far too large; a resize copies the
+live rows once.
 
 Requests come from asyncio front-ends; results go back with one ``call_soon_threadsafe`` per step
 and event loop, and a reader that falls behind gets the text of several steps as one chunk."""
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import threading
@@ -30,6 +37,7 @@ from services.errors import ServingError, bad_request, unavailable
 from services.textgen import Chunk, Completion, Detokenizer, RowSampler, SamplingParams
 
 log = logging.getLogger("services.textengine")
+SLOT_BLOCK = 32  # cache slots are added (and dropped) this many at a time
 Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -38,6 +46,9 @@ class EngineLimits:
     max_live: int = 32  # sequences decoded together; more wait
     max_waiting: int = 64  # requests waiting for a row; more are refused (503 / UNAVAILABLE)
     prefill_tokens: int = 2048  # padded prompt tokens prefilled in one session run
+    # A reader is woken at most this often (its first and last chunk at once); what arrives in
+    # between goes out joined. Fewer wake-ups and writes per token, at the cost of coarser chunks.
+    stream_interval_s: float = 0.0
 
 
 class EngineObserver:
@@ -71,6 +82,7 @@ class Sequence:
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+        self.delivered_at = 0.0  # when its reader was last woken
         self.pending: collections.deque[Chunk] = collections.deque()  # engine thread -> reader
         self.ready = asyncio.Event()
 
@@ -111,9 +123,9 @@ class Sequence:
         loop early (the client went away) frees the row."""
         try:
             while True:
-                if not self.pending and self.error is None:
-                    await self.ready.wait()
-                    self.ready.clear()
+                # Only when woken: the engine decides when a reader gets what piled up.
+                await self.ready.wait()
+                self.ready.clear()
                 if self.pending:
                     text, last = [], None
                     while self.pending:
@@ -144,8 +156,8 @@ class TextEngine:
                  limits: EngineLimits = EngineLimits(), observer: EngineObserver | None = None):
         from tokenizers import Tokenizer
 
-        if "attention_mask" not in {t.name for t in contract.inputs}:
-            raise ValueError(f"{name} was exported before batched decoding (no attention_mask input); "
+        if not any(t.name.startswith("new.") for t in contract.outputs):
+            raise ValueError(f"{name} was exported before batched decoding (its graph returns no new.* keys/values); "
                              f"re-export it: python -m export {contract.family}")
         self.name = name
         self.run = run
@@ -157,15 +169,14 @@ class TextEngine:
         self.window = contract.limits["context_window"]
         self.cap = contract.limits["max_new_tokens"]
         self.max_prompt_chars = contract.limits["max_prompt_chars"]
-        self.limits = EngineLimits(min(limits.max_live, contract.max_batch or limits.max_live), limits.max_waiting,
-                                   limits.prefill_tokens)
+        self.limits = dataclasses.replace(limits, max_live=min(limits.max_live, contract.max_batch or limits.max_live))
         self.observer = observer or EngineObserver()
         self._past_names = [f"past.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
-        self._present_names = [n.replace("past", "present") for n in self._past_names]
+        self._new_names = [n.replace("past", "new") for n in self._past_names]
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._live: list[Sequence] = []
-        self._cache: list[np.ndarray] = []  # per past name: (rows, heads, slots, head_dim)
-        self._lengths = np.zeros(0, np.int64)  # real slots per row
+        self._cache = self._allocate(1, SLOT_BLOCK)  # per past name: (rows, heads, slots, head_dim)
+        self._lengths = np.zeros(0, np.int64)  # real slots of each live row
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"text-engine-{name}", daemon=True)
@@ -241,7 +252,7 @@ class TextEngine:
                 for seq in self._live:
                     seq.fail(ServingError(None, "internal error while decoding; the server log has the details", 500))
                 self._deliver(self._live)
-                self._live, self._cache, self._lengths = [], [], np.zeros(0, np.int64)
+                self._live, self._lengths = [], np.zeros(0, np.int64)
         error = unavailable("model", f"{self.name} is shutting down", retry_after=1)
         with self._wake:
             stranded = [*self._live, *self._waiting]
@@ -270,8 +281,8 @@ class TextEngine:
         return admitted
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        """Runs the new rows' prompts together (left-padded), samples their first token and joins
-        their cache to the batch's."""
+        """Runs the new rows' prompts together (left-padded), samples their first token and writes
+        their keys/values into the cache rows after the live ones."""
         width = max(len(s.prompt_ids) for s in admitted)
         rows = len(admitted)
         ids = np.zeros((rows, width), np.int64)
@@ -281,26 +292,58 @@ class TextEngine:
             n = len(seq.prompt_ids)
             ids[i, width - n:] = seq.prompt_ids
             positions[i, width - n:] = np.arange(n)
+        mask = (np.arange(width) >= (width - lengths)[:, None]).astype(np.int64)
         empty = np.zeros((rows, self.n_head, 0, self.head_dim), np.float32)
-        feeds = {"input_ids": ids, "attention_mask": self._mask(lengths, width), "position_ids": positions,
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                  **{name: empty for name in self._past_names}}
         outputs = self._run(feeds, rows)
+        first = len(self._live)
+        self._ensure(first + rows, width)
+        for cache, name in zip(self._cache, self._new_names):
+            new = outputs[name]
+            for i, n in enumerate(lengths):
+                cache[first + i, :, :n] = new[i, :, width - n:]
+        self._live = self._live + admitted
+        self._lengths = np.concatenate([self._lengths, lengths])
         self._sample(admitted, outputs["logits"])
-        self._join(admitted, [outputs[n] for n in self._present_names], lengths)
 
     def _decode(self) -> None:
         """One token for every live row."""
         live, lengths = self._live, self._lengths
-        slots = self._cache[0].shape[2]
-        feeds = {"input_ids": np.array([[s.last_token] for s in live], np.int64),
-                 "attention_mask": self._mask(lengths + 1, slots + 1),
+        rows, slots = len(live), self._cache[0].shape[2]
+        mask = np.ones((rows, slots + 1), np.int64)
+        mask[:, :slots] = self._slot_index[:slots] < lengths[:, None]
+        feeds = {"input_ids": np.array([[s.last_token] for s in live], np.int64), "attention_mask": mask,
                  "position_ids": lengths[:, None].copy(),
-                 **dict(zip(self._past_names, self._cache))}
-        outputs = self._run(feeds, len(live))
-        self.observer.occupancy(len(live) / self.limits.max_live)
-        self._cache = [outputs[n] for n in self._present_names]
+                 **{name: cache[:rows] for name, cache in zip(self._past_names, self._cache)}}
+        outputs = self._run(feeds, rows)
+        self.observer.occupancy(rows / self.limits.max_live)
+        self._ensure(rows, int(lengths.max()) + 1)
+        index = np.arange(rows)
+        for cache, name in zip(self._cache, self._new_names):
+            cache[index, :, lengths] = outputs[name][:, :, 0]
         self._lengths = lengths + 1
         self._sample(live, outputs["logits"])
+
+    def _allocate(self, rows: int, slots: int) -> list[np.ndarray]:
+        self._slot_index = np.arange(slots)
+        return [np.zeros((rows, self.n_head, slots, self.head_dim), np.float32) for _ in self._past_names]
+
+    def _ensure(self, rows: int, slots: int) -> None:
+        """Grows the cache to hold ``rows`` rows (a power of two, at most max_live) of ``slots``
+        slots (whole blocks, at most the window)."""
+        have_rows, have_slots = self._cache[0].shape[0], self._cache[0].shape[2]
+        if rows <= have_rows and slots <= have_slots:
+            return
+        self._resize(max(have_rows, min(self.limits.max_live, 1 << (rows - 1).bit_length())),
+                     max(have_slots, min(self.window, -(-slots // SLOT_BLOCK) * SLOT_BLOCK)))
+
+    def _resize(self, rows: int, slots: int) -> None:
+        live, keep = len(self._live), min(slots, self._cache[0].shape[2])
+        resized = self._allocate(rows, slots)
+        for old, new in zip(self._cache, resized):
+            new[:live, :, :keep] = old[:live, :, :keep]
+        self._cache = resized
 
     def _run(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         started = time.perf_counter()
@@ -322,28 +365,11 @@ class TextEngine:
                     self.observer.first_token(seq.first_token_at - seq.submitted)
         self._deliver(sequences)
 
-    def _join(self, admitted: list[Sequence], cache: list[np.ndarray], lengths: np.ndarray) -> None:
-        """Adds rows to the batch, padding on the left whichever side has fewer slots."""
-        if not self._live:
-            self._live, self._cache, self._lengths = list(admitted), cache, lengths
-            return
-        have, new = self._cache[0].shape[2], cache[0].shape[2]
-        width = max(have, new)
-
-        def pad(arrays: list[np.ndarray], slots: int) -> list[np.ndarray]:
-            if slots == width:
-                return arrays
-            return [np.pad(a, ((0, 0), (0, 0), (width - slots, 0), (0, 0))) for a in arrays]
-
-        self._cache = [np.concatenate(pair) for pair in zip(pad(self._cache, have), pad(cache, new))]
-        self._live = self._live + admitted
-        self._lengths = np.concatenate([self._lengths, lengths])
-
     def _retire(self) -> None:
-        """Drops finished, failed and abandoned rows, then the slots no remaining row uses."""
+        """Drops finished, failed and abandoned rows (the last live row moves into each one's
+        place), then slot blocks no remaining row uses."""
         live = self._live
-        keep = [i for i, s in enumerate(live) if not s.done]
-        if len(keep) == len(live):
+        if not any(s.done for s in live):
             return
         now = time.perf_counter()
         for seq in live:
@@ -351,23 +377,37 @@ class TextEngine:
                 complete = seq.finish_reason is not None and seq.generated > 1
                 per_token = (now - seq.first_token_at) / (seq.generated - 1) if complete else None
                 self.observer.finished(seq.generated, per_token)
+        live, lengths = list(live), self._lengths.copy()
+        i = 0
+        while i < len(live):
+            if not live[i].done:
+                i += 1
+                continue
+            last = len(live) - 1
+            if i != last:
+                for cache in self._cache:
+                    cache[i] = cache[last]
+                live[i], lengths[i] = live[last], lengths[last]
+            live.pop()
         with self._wake:
-            self._live = [live[i] for i in keep]
+            self._live, self._lengths = live, lengths[:len(live)]
             self.observer.sequences(len(self._live), len(self._waiting))
-        if not keep:
-            self._cache, self._lengths = [], np.zeros(0, np.int64)
-            return
-        lengths = self._lengths[keep]
-        slots, needed = self._cache[0].shape[2], int(lengths.max())
-        index = np.asarray(keep)
-        self._cache = [np.ascontiguousarray(a[index, :, slots - needed:]) for a in self._cache]
-        self._lengths = lengths
+        # Shrink only to half or less: resizing copies the live rows, and rows come and go.
+        slots = -(-(int(self._lengths.max()) + 1) // SLOT_BLOCK) * SLOT_BLOCK if live else SLOT_BLOCK
+        rows = 1 << max(0, len(live) - 1).bit_length()
+        have_rows, have_slots = self._cache[0].shape[0], self._cache[0].shape[2]
+        if slots <= have_slots // 2 or rows <= have_rows // 4:
+            self._resize(min(rows * 2, have_rows), min(slots, have_slots))
 
     def _deliver(self, sequences: list[Sequence]) -> None:
         """Wakes the readers that have something new: one hop per event loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[Sequence]] = {}
+        now = time.perf_counter()
+        interval = self.limits.stream_interval_s
         for seq in sequences:
-            if seq.pending or seq.error is not None:
+            if seq.error is not None or (seq.pending and (seq.pending[-1].finish_reason is not None
+                                                          or now - seq.delivered_at >= interval)):
+                seq.delivered_at = now
                 by_loop.setdefault(seq.loop, []).append(seq)
         for loop, ready in by_loop.items():
             try:

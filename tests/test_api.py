@@ -135,7 +135,7 @@ def test_generate_stream_joins_to_text(server):
     events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]
-    assert len(payloads) >= 3
+    assert len(payloads) >= 2  # the first piece at once; later ones joined per text_stream_interval_ms
     assert "".join(p["text"] for p in payloads) == whole["text"]
     assert payloads[-1]["finish_reason"] == whole["finish_reason"]
     assert payloads[-1]["usage"] == whole["usage"]

@@ -207,7 +207,7 @@ def test_generate_tensors_rest_equals_grpc(http, grpc, repo):
                                      np.float32)
     rest, g = both(http, grpc, "generate", feeds, outputs=["logits"])
     logits = rest.as_numpy("logits")
-    assert logits.shape[:2] == (1, 1) and g.as_numpy("present.0.key") is None  # the last position's logits
+    assert logits.shape[:2] == (1, 1) and g.as_numpy("new.0.key") is None  # the last position's logits
     np.testing.assert_allclose(g.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
 
 

@@ -155,3 +155,19 @@ def test_bad_requests_and_close(model):
     assert (too_long.status, too_long.field) == (400, "prompt")
     assert (too_many.status, too_many.field) == (400, "max_new_tokens")
     assert closed.status == 503
+
+
+def test_stream_interval_joins_chunks_without_changing_text(model):
+    async def chunks(engine: TextEngine) -> list[str]:
+        (sequence,) = engine.submit([(PROMPTS[0], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True))])
+        return [chunk.text async for chunk in sequence.chunks()]
+
+    every, _ = engine_for(model, stream_interval_s=0.0)
+    joined, _ = engine_for(model, stream_interval_s=60.0)
+    try:
+        per_token, coarse = asyncio.run(chunks(every)), asyncio.run(chunks(joined))
+    finally:
+        every.close()
+        joined.close()
+    assert "".join(per_token) == "".join(coarse)
+    assert len(per_token) > 5 and len(coarse) == 2  # the first piece at once, the rest with the last

@@ -64,35 +64,51 @@ class GPT(nn.Module):
         return self.lm(input_ids=input_ids).logits
 
 
-class CachedDecoder(nn.Module):
-    """The exported graph: one decoding step for a batch of rows, given and returning the KV cache as
-    flat tensors (transformers wants a DynamicCache inside; ONNX wants named tensors outside).
+class DecoderStep(nn.Module):
+    """The exported graph: one decoding step for a batch of rows. Given the new tokens, their
+    positions, an attention mask over past + new slots and the past keys/values of every layer, it
+    returns the last position's logits and the new tokens' keys/values only.
 
-    Rows may differ in length and age: the cache is left-padded, ``attention_mask`` (batch, past +
-    new) marks each row's real slots, ``position_ids`` are per row. Only the last position's logits
-    come out (what decoding samples from), which spares a prefill the vocabulary projection of every
-    prompt token; with left padding the last position is a real token in every row."""
+    It runs the transformers model's own modules (embeddings, layer norms, projections, MLPs, tied
+    head), with attention written out so the past is only read: scores against the past and against
+    the new tokens, one softmax, two weighted sums. Nothing in the graph copies the cache; the caller
+    keeps it (the text engine writes each step's keys/values into its preallocated buffer), which
+    at batch 8-32 was most of a step's time when the graph concatenated past and new.
+
+    Rows may differ in length and age: ``attention_mask`` (batch, past + new) marks each row's real
+    slots, ``position_ids`` are per row. Only the last position's logits come out (what decoding
+    samples from), so a batched prefill pads on the left."""
 
     def __init__(self, gpt: GPT):
         super().__init__()
         self.lm = gpt.lm
-        # sdpa's is_causal flag depends on the sequence length, which is symbolic during export;
-        # eager attention computes the same thing with an explicit mask.
-        self.lm.config._attn_implementation = "eager"
-        self.n_layer = gpt.cfg.n_layer
+        self.n_head = gpt.cfg.n_head
+        self.head_dim = gpt.cfg.n_embd // gpt.cfg.n_head
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers.cache_utils import DynamicCache
-
-        cache = DynamicCache()
-        for i in range(self.n_layer):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
-        present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
+        model = self.lm.transformer
+        batch, new = input_ids.shape
+        slots = past[0].shape[2]
+        heads, dim = self.n_head, self.head_dim
+        x = model.wte(input_ids) + model.wpe(position_ids)
+        mask = attention_mask.bool()
+        causal = torch.ones(new, new, dtype=torch.bool).tril()
+        allowed = torch.cat([mask[:, None, :slots].expand(batch, new, slots), mask[:, None, slots:] & causal], dim=2)
+        # Additive, not -inf: a padding query that may attend to nothing gets a finite (unused) row.
+        bias = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, -1e9)[:, None]
+        scale = 1.0 / math.sqrt(dim)
+        outputs = []
+        for i, block in enumerate(model.h):
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(heads * dim, dim=2)
+            q, k, v = (t.view(batch, new, heads, dim).transpose(1, 2) for t in (q, k, v))
+            past_key, past_value = past[2 * i], past[2 * i + 1]
+            scores = torch.cat([q @ past_key.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale + bias
+            probs = scores.softmax(dim=-1)
+            attended = probs[..., :slots] @ past_value + probs[..., slots:] @ v
+            x = x + block.attn.c_proj(attended.transpose(1, 2).reshape(batch, new, heads * dim))
+            x = x + block.mlp(block.ln_2(x))
+            outputs += [k, v]
+        return (self.lm.lm_head(model.ln_f(x[:, -1:])), *outputs)
 
 
 def left_padded(rows: list[torch.Tensor], past: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,7 +137,7 @@ class GenerateFamily(Family):
     primary_metric = "heldout_nats_per_char"
     higher_is_better = False
     floor = 1.7
-    graph_version = 2  # 2: attention_mask + per-row positions in, last-position logits out
+    graph_version = 3  # 3: attention_mask + per-row positions in; last-position logits and new keys/values out
     profiles = {
         "quick": {"train": {"steps": 150, "eval_every": 75, "lr": 3e-3, "batch_size": 8, "warmup_steps": 5},
                   "model": {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_positions": 128}},
@@ -189,16 +205,17 @@ class GenerateFamily(Family):
         return [(ids[None, :24],)]
 
     def export_spec(self, model: GPT, cfg: GenerateConfig, checkpoint: dict) -> ExportSpec:
-        decoder = CachedDecoder(model).eval()
+        decoder = DecoderStep(model).eval()
         (prompt,) = checkpoint["heldout_examples"][0]
         prompt = prompt[0]
         head_dim = cfg.n_embd // cfg.n_head
 
-        def empty_cache(batch: int):
-            return tuple(torch.zeros(batch, cfg.n_head, 0, head_dim) for _ in range(2 * cfg.n_layer))
-
         def step(rows: list[torch.Tensor], past: tuple = (), past_length: int = 0):
-            return (*left_padded(rows, past_length), *(past or empty_cache(len(rows))))
+            past = past or tuple(torch.zeros(len(rows), cfg.n_head, 0, head_dim) for _ in range(2 * cfg.n_layer))
+            return (*left_padded(rows, past_length), *past)
+
+        def extend(past: tuple, new: tuple) -> tuple:
+            return tuple(torch.cat([p, n], dim=2) for p, n in zip(past, new))
 
         # Same input through PyTorch and ONNX Runtime: a prefill (empty cache), a multi-token step
         # and a one-token decoding step on two held-out rows. The traced example has sizes >= 2 so
@@ -206,43 +223,45 @@ class GenerateFamily(Family):
         half = len(prompt) // 2
         first = step([prompt[:half], prompt[1:half + 1]])
         with torch.no_grad():
-            present = decoder(*first)[1:]
-            middle = step([prompt[half:-1], prompt[half + 1:]], present, half)
-            present = decoder(*middle)[1:]
-        last = step([prompt[-1:], prompt[:1]], present, len(prompt) - 1)
+            past = decoder(*first)[1:]
+            middle = step([prompt[half:-1], prompt[half + 1:]], past, half)
+            past = extend(past, decoder(*middle)[1:])
+        last = step([prompt[-1:], prompt[:1]], past, len(prompt) - 1)
 
-        # Batched decoding: rows of unequal lengths prefilled together (left-padded), then one
-        # decoding step where every row has a different past, must give each row's logits as that
-        # row decoded alone gives them.
+        # Against transformers itself: rows of unequal lengths prefilled together (left-padded),
+        # then one decoding step where every row has a different past (its cache left-padded as the
+        # prefill left it), must give each row's logits as the transformers model gives them for
+        # that row alone.
         rows = [prompt, prompt[3:16], prompt[10:15]]
         prefill = step(rows)
+        nexts = [prompt[i:i + 1] for i in (1, 2, 3)]
         with torch.no_grad():
-            padded_present = decoder(*prefill)[1:]
-            alone = [decoder(*step([r]))[0] for r in rows]
-            nexts = [prompt[i:i + 1] for i in (1, 2, 3)]
-            alone_next = [decoder(*step([torch.cat([r, n])]))[0] for r, n in zip(rows, nexts)]
+            prefill_kv = decoder(*prefill)[1:]
+            alone = [model.lm(input_ids=r[None]).logits[:, -1:] for r in rows]
+            alone_next = [model.lm(input_ids=torch.cat([r, n])[None]).logits[:, -1:] for r, n in zip(rows, nexts)]
         _, mask, _ = left_padded(rows)
         decode = (torch.stack(nexts), torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1),
-                  torch.tensor([[len(r)] for r in rows]), *padded_present)
+                  torch.tensor([[len(r)] for r in rows]), *prefill_kv)
         references = [(prefill, (torch.cat(alone),)), (decode, (torch.cat(alone_next),))]
 
         b, t, p = Dim("batch", min=1, max=64), Dim("sequence", min=1, max=cfg.n_positions), Dim("past", min=0, max=cfg.n_positions)
         dynamic = ({0: b, 1: t}, {0: b, 1: Dim.AUTO}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in range(2 * cfg.n_layer)))
         return ExportSpec(decoder, middle, ["input_ids", "attention_mask", "position_ids", *cache_names(cfg.n_layer, "past")],
-                          ["logits", *cache_names(cfg.n_layer, "present")], dynamic, [first, middle, last], references)
+                          ["logits", *cache_names(cfg.n_layer, "new")], dynamic, [first, middle, last], references)
 
     def contract(self, cfg: GenerateConfig, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
         head_dim = cfg.n_embd // cfg.n_head
         cache_axes = ["batch", "head", "past_sequence", "head_dim"]
         past = [TensorSpec(n, "float32", [-1, cfg.n_head, -1, head_dim], cache_axes) for n in cache_names(cfg.n_layer, "past")]
-        present = [TensorSpec(n, "float32", [-1, cfg.n_head, -1, head_dim], cache_axes) for n in cache_names(cfg.n_layer, "present")]
+        new_axes = ["batch", "head", "sequence", "head_dim"]
+        new = [TensorSpec(n, "float32", [-1, cfg.n_head, -1, head_dim], new_axes) for n in cache_names(cfg.n_layer, "new")]
         return ModelContract(
             name=self.name, family=self.name, task=self.task,
             architecture=f"gpt2-{cfg.n_layer}layer-{cfg.n_embd}wide",
             inputs=[TensorSpec("input_ids", "int64", [-1, -1], ["batch", "sequence"]),
                     TensorSpec("attention_mask", "int64", [-1, -1], ["batch", "past_and_sequence"]),
                     TensorSpec("position_ids", "int64", [-1, -1], ["batch", "sequence"]), *past],
-            outputs=[TensorSpec("logits", "float32", [-1, 1, cfg.vocab_size], ["batch", "last", "vocab"]), *present],
+            outputs=[TensorSpec("logits", "float32", [-1, 1, cfg.vocab_size], ["batch", "last", "vocab"]), *new],
             limits={"max_new_tokens": cfg.max_new_tokens_cap, "context_window": cfg.n_positions,
                     "max_prompt_chars": 20_000, "max_batch": 64},
             extra={"tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT, "n_layer": cfg.n_layer,

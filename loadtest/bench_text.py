@@ -1,0 +1,219 @@
+"""Text generation benchmark: streams through the suite's OpenAI route against transformers'
+``generate()`` in process, same checkpoint, in one run on one machine.
+
+    python -m loadtest.bench_text                     # what `make bench-text` runs (BENTOML_HOME: the models)
+    python -m loadtest.bench_text --streams 1,8 --seconds 10
+
+1. In process, before any server starts: transformers ``generate()`` (PyTorch eager, sampling at
+   temperature 1, exactly ``--tokens`` new tokens) from ``artifacts/generate/hf`` at batch 1 and at
+   batch 8; tokens/s = new tokens / wall time, the median of ``--repeats`` runs.
+2. ``bentoml serve`` with its default settings. A greedy completion from the server must equal
+   greedy ``generate()`` from the checkpoint (the served model is that checkpoint).
+3. For each stream count: that many clients, each sending ``POST /v1/completions`` with
+   ``stream: true`` (``--tokens`` tokens, ``ignore_eos``, temperature 1, its own prompt) back to back
+   for ``--seconds``. The clients are raw asyncio HTTP/1.1 connections (little CPU, as the load
+   generator shares the machine). tokens/s = completion tokens of the finished requests / wall time;
+   time to first token = request sent -> first ``data:`` event, p50 and p99 over the requests.
+Prints a table and the issue's goals with the measured ratios."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["The Python standard library", "import os\nimport sys\n\n", "A list is a mutable sequence",
+           "Dictionaries map keys to values", "class Point:\n    def __init__(self", "The with statement",
+           "Exceptions are raised when", "for item in items:\n"]
+
+
+# ---- in process ---------------------------------------------------------------------------------
+
+def transformers_rates(hf_dir: Path, tokenizer_file: Path, tokens: int, repeats: int) -> dict[int, float]:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    rates = {}
+    for batch in (1, 8):
+        # Equal-length prompts (the first tokens of one prompt) so no padding is needed.
+        ids = tokenizer.encode(PROMPTS[0]).ids
+        x = torch.tensor([ids] * batch)
+        runs = []
+        with torch.no_grad():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=True, pad_token_id=0)
+            for _ in range(repeats):
+                started = time.perf_counter()
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens,
+                                     min_new_tokens=tokens, do_sample=True, top_k=0, temperature=1.0, pad_token_id=0)
+                runs.append((out.shape[1] - x.shape[1]) * batch / (time.perf_counter() - started))
+        rates[batch] = statistics.median(runs)
+        print(f"transformers generate() batch {batch}: {rates[batch]:.0f} tokens/s (runs: "
+              f"{', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+    return rates
+
+
+def transformers_greedy(hf_dir: Path, tokenizer_file: Path, prompt: str, tokens: int) -> str:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    x = torch.tensor([tokenizer.encode(prompt).ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False, pad_token_id=0)
+    return tokenizer.decode(out[0, x.shape[1]:].tolist())
+
+
+# ---- the load generator ---------------------------------------------------------------------------
+
+@dataclass
+class StreamStats:
+    tokens: int = 0
+    requests: int = 0
+    errors: int = 0
+    ttft: list[float] = field(default_factory=list)
+
+
+async def one_stream(port: int, prompt: str, tokens: int, deadline: float, stats: StreamStats) -> None:
+    """Back-to-back streamed completions on a keep-alive connection until ``deadline`` (a new
+    connection when the server asks to close one)."""
+    body = json.dumps({"model": "generate", "prompt": prompt, "max_tokens": tokens, "temperature": 1.0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    connection = None
+    while time.perf_counter() < deadline:
+        if connection is None:
+            connection = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = connection
+        sent = time.perf_counter()
+        writer.write(request)
+        status = await reader.readline()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip()
+        if not status.startswith(b"HTTP/1.1 200"):
+            stats.errors += 1
+            await reader.readexactly(int(headers.get("content-length", 0)))
+            await asyncio.sleep(0.1)
+        else:
+            first, usage = None, None
+            while True:  # chunked transfer encoding; the server sends each event as one chunk
+                size = int((await reader.readline()).strip(), 16)
+                if size == 0:
+                    await reader.readline()
+                    break
+                data = await reader.readexactly(size + 2)
+                if first is None:
+                    first = time.perf_counter()
+                if b'"usage"' in data and b'"usage":null' not in data:
+                    usage = data
+            if first is not None:
+                stats.ttft.append(first - sent)
+            if usage is None:
+                stats.errors += 1
+            else:
+                events = [json.loads(e[6:]) for e in usage.split(b"\n\n") if e.startswith(b"data: {")]
+                stats.tokens += next(e["usage"] for e in events if e.get("usage"))["completion_tokens"]
+                stats.requests += 1
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+            connection = None
+    if connection is not None:
+        connection[1].close()
+
+
+async def run_streams(port: int, streams: int, tokens: int, seconds: float) -> tuple[float, StreamStats]:
+    stats = StreamStats()
+    started = time.perf_counter()
+    await asyncio.gather(*(one_stream(port, PROMPTS[i % len(PROMPTS)], tokens, started + seconds, stats)
+                           for i in range(streams)))
+    return stats.tokens / (time.perf_counter() - started), stats
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="1,8,32", help="comma-separated concurrent stream counts")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per stream count")
+    parser.add_argument("--repeats", type=int, default=3, help="generate() runs per batch size (median)")
+    parser.add_argument("--checkpoint", type=Path, default=REPO / "artifacts" / "generate",
+                        help="training output with hf/ and tokenizer.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    hf_dir, tokenizer_file = args.checkpoint / "hf", args.checkpoint / "tokenizer.json"
+    if not hf_dir.is_dir():
+        print(f"{hf_dir} is missing: train the text model first (make models)", file=sys.stderr)
+        return 2
+
+    print(f"machine: {os.cpu_count()} cores; {args.tokens} new tokens per request\n", flush=True)
+    reference = transformers_rates(hf_dir, tokenizer_file, args.tokens, args.repeats)
+
+    import requests
+
+    from loadtest.servers import free_port, start_server
+
+    port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "SUITE_GRPC_PORT": str(grpc_port)}
+    workdir = Path(tempfile.mkdtemp(prefix="bench-text-"))
+    server = start_server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                          port=port, grpc_port=grpc_port, env=env, cwd=REPO, log_path=workdir / "suite.log")
+    rows = []
+    try:
+        served = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": "generate", "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True}).json()
+        expected = transformers_greedy(hf_dir, tokenizer_file, PROMPTS[1], 24)
+        same = served["choices"][0]["text"] == expected
+        print(f"served model {served['model']}: greedy text {'equals' if same else 'DIFFERS FROM'} the checkpoint's "
+              f"generate()", flush=True)
+        asyncio.run(run_streams(port, 2, 16, 1.0))  # warm-up
+        for streams in [int(s) for s in args.streams.split(",")]:
+            rate, stats = asyncio.run(run_streams(port, streams, args.tokens, args.seconds))
+            rows.append((streams, rate, stats))
+            print(f"suite {streams} streams: {rate:.0f} tokens/s, {stats.requests} requests, {stats.errors} errors",
+                  flush=True)
+    finally:
+        server.stop()
+
+    print("\n| client | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | requests | errors | vs generate() b1 | vs generate() b8 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for batch, rate in reference.items():
+        print(f"| transformers generate() in process, batch {batch} | - | {rate:.0f} | - | - | - | - | "
+              f"{rate / reference[1]:.2f}x | {rate / reference[8]:.2f}x |")
+    for streams, rate, stats in rows:
+        print(f"| suite /v1/completions stream=true | {streams} | {rate:.0f} | {percentile(stats.ttft, 0.5) * 1e3:.0f} | "
+              f"{percentile(stats.ttft, 0.99) * 1e3:.0f} | {stats.requests} | {stats.errors} | "
+              f"{rate / reference[1]:.2f}x | {rate / reference[8]:.2f}x |")
+    by = {streams: rate for streams, rate, _ in rows}
+    print("\nGoals:")
+    if 1 in by:
+        print(f"- one stream >= 4x generate() batch 1: {by[1] / reference[1]:.2f}x")
+    if by.get(1) and 8 in by:
+        print(f"- 8 streams >= 3x one stream: {by[8] / by[1]:.2f}x; >= 2x generate() batch 8: {by[8] / reference[8]:.2f}x")
+    if by.get(8) and 32 in by:
+        print(f"- 32 streams not below 8 streams: {by[32] / by[8]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ PROFILE ?= standard
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve models test build loadtest bench clean
+.PHONY: serve models test build loadtest bench bench-text clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 
 bench: models $(BIN)/.bench-installed
 	$(BIN)/python -m loadtest.bench_serving
+
+# The text generation benchmark: streams through /v1/completions against transformers generate()
+# in process, same checkpoint (needs artifacts/generate from `make models`). Took about 2 minutes.
+bench-text: models
+	$(BIN)/python -m loadtest.bench_text
 
 clean:
 	rm -rf artifacts .bentoml

@@ -274,7 +274,7 @@ def test_openapi_document_lists_every_route(server):
     doc = requests.get(f"{server.url}/docs.json", timeout=30).json()
     assert doc["openapi"].startswith("3.")
     for path in ("/classify", "/segment", "/denoise", "/sample", "/generate", "/generate_stream", "/models",
-                 "/v2/models/{model}/infer"):
+                 "/v2/models/{model}/infer", "/v1/completions", "/v1/models"):
         assert path in doc["paths"], path
     n = doc["paths"]["/sample"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["n"]
     assert n["maximum"] == 64  # read from the served model's contract

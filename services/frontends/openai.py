@@ -150,7 +150,11 @@ def add_openai_routes(app: HttpFrontend) -> None:
                 return json_response(_model_card(card))
         raise not_found("model", f"no text model {name!r}; GET /v1/models lists them")
 
+    async def chat(request: Request) -> Response:
+        raise ServingError(None, "this server has no chat models; use POST /v1/completions", 404)
+
     app.route("/v1/completions", completions, protocol="openai", errors=openai_error)
+    app.route("/v1/chat/completions", chat, protocol="openai", errors=openai_error)
     app.route("/v1/models", models, methods=("GET",), protocol="openai", errors=openai_error)
     app.route("/v1/models/{model}", model, methods=("GET",), protocol="openai", errors=openai_error)
 

@@ -75,7 +75,7 @@ def openapi_document(plane: Any) -> dict:
             "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
             "stop": {"type": "array", "maxItems": 8, "items": {"type": "string", "minLength": 1, "maxLength": 100}},
-            "model": {"type": "string"}}}
+            **PENALTIES, "model": {"type": "string"}}}
         paths["/generate"] = _json_route("Complete a prompt; the same seed gives the same text", body, {"200": {
             "description": "the completion", "content": {"application/json": {"schema": {"type": "object", "properties": {
                 "text": {"type": "string"}, "finish_reason": {"type": "string", "enum": ["length", "stop"]},
@@ -83,6 +83,7 @@ def openapi_document(plane: Any) -> dict:
         paths["/generate_stream"] = _json_route("Same as /generate, as server-sent events", body, {"200": {
             "description": "`data: {\"text\": ...}` events, a last one with finish_reason and usage, then `data: [DONE]`",
             "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+        paths.update(_openai_paths(generate))
     models = {"200": {"description": "served models: version, contract, metrics, parity",
                       "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}}}
     paths["/models"] = {"get": {"summary": "Served models", "responses": models},
@@ -93,10 +94,61 @@ def openapi_document(plane: Any) -> dict:
         paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
     return {"openapi": "3.0.2",
             "info": {"title": "model-suite", "version": plane.server_version,
-                     "description": "Native task API, Open Inference Protocol v2 REST (gRPC on its own port)."},
+                     "description": "Native task API, Open Inference Protocol v2 REST (gRPC on its own port), "
+                                    "OpenAI-compatible completions."},
             "paths": paths,
             "components": {"schemas": {"Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "string"}, "field": {"type": "string"}}}}}}
+
+
+PENALTIES = {
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1.0},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
+    "ignore_eos": {"type": "boolean", "default": False}}
+
+
+def _openai_paths(generate) -> dict:
+    from services.frontends.openai import DEFAULT_MAX_TOKENS, MAX_CHOICES, MAX_PROMPTS
+
+    openai_error = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
+        "code": {"type": "string", "nullable": True}}}}}
+    errors = {str(c): {"description": d, "content": {"application/json": {"schema": openai_error}}}
+              for c, d in ((400, "bad request (OpenAI error object)"), (404, "unknown model"),
+                           (503, "busy: retry after Retry-After seconds"))}
+    prompt = {"type": "string", "maxLength": generate.limits["max_prompt_chars"]}
+    body = {"type": "object", "required": ["model"], "additionalProperties": False, "properties": {
+        "model": {"type": "string", "description": "a served text model (GET /v1/models), or name:version"},
+        "prompt": {"oneOf": [prompt, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": prompt}]},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": generate.limits["max_new_tokens"],
+                       "default": DEFAULT_MAX_TOKENS},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
+        "top_k": {"type": "integer", "minimum": 0, "default": 0},
+        "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "default": 1},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 8, "items": {"type": "string"}}]},
+        "seed": {"type": "integer", "minimum": 0}, **PENALTIES,
+        "stream": {"type": "boolean", "default": False},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "echo": {"type": "boolean", "default": False}, "user": {"type": "string"},
+        "logprobs": {"type": "integer", "nullable": True, "description": "not supported: must be null"},
+        "best_of": {"type": "integer", "nullable": True, "description": "only equal to n"},
+        "suffix": {"type": "string", "nullable": True, "description": "not supported: must be null"},
+        "logit_bias": {"type": "object", "nullable": True, "description": "not supported: must be empty"}}}
+    completion = {"200": {"description": "a text_completion object, or with stream: text/event-stream chunks then "
+                                         "`data: [DONE]`",
+                          "content": {"application/json": {"schema": {"type": "object"}},
+                                      "text/event-stream": {"schema": {"type": "string"}}}}}
+    listing = {"200": {"description": "OpenAI model list", "content": {"application/json": {"schema": {"type": "object"}}}}}
+    model = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {"/v1/completions": {"post": {"summary": "OpenAI-compatible completions (the official client works)",
+                                         "requestBody": {"required": True,
+                                                         "content": {"application/json": {"schema": body}}},
+                                         "responses": {**completion, **errors}}},
+            "/v1/models": {"get": {"summary": "Served text models (OpenAI format)", "responses": listing}},
+            "/v1/models/{model}": {"get": {"summary": "One served text model (OpenAI format)", "parameters": [model],
+                                           "responses": {**listing, "404": errors["404"]}}}}
 
 
 def _oip_paths() -> dict:

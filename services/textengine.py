@@ -123,9 +123,11 @@ class Sequence:
         loop early (the client went away) frees the row."""
         try:
             while True:
-                # Only when woken: the engine decides when a reader gets what piled up.
-                await self.ready.wait()
-                self.ready.clear()
+                # Only when woken: the engine decides when a reader gets what piled up. A failed
+                # sequence is not waited for (its wake-up may have been taken with an earlier chunk).
+                if self.error is None:
+                    await self.ready.wait()
+                    self.ready.clear()
                 if self.pending:
                     text, last = [], None
                     while self.pending:
@@ -248,11 +250,14 @@ class TextEngine:
                     self._decode()
                     self._retire()
             except Exception:  # noqa: BLE001 - the loop must survive a failed run
-                log.exception("%s: a decoding step failed; failing its %d sequences", self.name, len(self._live))
-                for seq in self._live:
+                failed = [*self._live, *(s for s in admitted if s not in self._live)]
+                log.exception("%s: a decoding step failed; failing its %d sequences", self.name, len(failed))
+                for seq in failed:
                     seq.fail(ServingError(None, "internal error while decoding; the server log has the details", 500))
-                self._deliver(self._live)
-                self._live, self._lengths = [], np.zeros(0, np.int64)
+                self._deliver(failed)
+                with self._wake:
+                    self._live, self._lengths = [], np.zeros(0, np.int64)
+                    self.observer.sequences(0, len(self._waiting))
         error = unavailable("model", f"{self.name} is shutting down", retry_after=1)
         with self._wake:
             stranded = [*self._live, *self._waiting]

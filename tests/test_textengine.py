@@ -171,3 +171,28 @@ def test_stream_interval_joins_chunks_without_changing_text(model):
         joined.close()
     assert "".join(per_token) == "".join(coarse)
     assert len(per_token) > 5 and len(coarse) == 2  # the first piece at once, the rest with the last
+
+
+def test_failed_run_fails_its_sequences_and_the_engine_goes_on(model):
+    session, folder = model
+    runs = {"n": 0}
+
+    def flaky(feeds):
+        runs["n"] += 1
+        if runs["n"] == 3:  # prefill, one decoding step, then a failure
+            raise RuntimeError("injected")
+        return session.run(feeds)
+
+    engine = TextEngine("generate", flaky, session.contract, folder, EngineLimits())
+
+    async def main():
+        with pytest.raises(ServingError) as failed:
+            await generate(engine, PROMPTS[0], max_new_tokens=10, ignore_eos=True)
+        return failed.value, await generate(engine, PROMPTS[0], max_new_tokens=10, temperature=0, ignore_eos=True)
+
+    try:
+        error, text = asyncio.run(main())
+    finally:
+        engine.close()
+    assert error.status == 500 and "Traceback" not in str(error)
+    assert text  # the next request is served as usual

@@ -6,6 +6,7 @@ Each task checks content, not only the status, so a wrong answer counts as a fai
 
 from __future__ import annotations
 
+import json
 import random
 
 from locust import HttpUser, between, task
@@ -57,3 +58,16 @@ class SuiteUser(HttpUser):
         with self.client.post("/generate", json=body, catch_response=True) as r:
             if r.status_code != 200 or r.json().get("usage", {}).get("completion_tokens", 0) < 1:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
+
+    @task(1)
+    def completions_stream(self):
+        """The OpenAI route, streamed: every event parses and the stream ends with [DONE]."""
+        body = {"model": "generate", "prompt": random.choice(PROMPTS), "max_tokens": 16, "temperature": 0.8,
+                "seed": random.randrange(1000), "stream": True}
+        with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
+                              name="/v1/completions stream") as r:
+            events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+            if r.status_code != 200 or not events or events[-1] != "[DONE]":
+                r.failure(f"{r.status_code}: {events[-1:] or r.text[:200]}")
+            elif not all(json.loads(e).get("choices") for e in events[:-1]):
+                r.failure(f"an event without choices: {events[:3]}")

@@ -76,7 +76,7 @@ class Suite:
         self.repository = ModelRepository(CONFIG, observer_for=self.metrics.observer)
         self.repository.load_newest()
         self.plane = DataPlane(self.repository, server_version=bentoml.__version__)
-        http_app.bind(self.plane, self.metrics, CONFIG.keepalive_requests)
+        http_app.bind(self.plane, self.metrics, CONFIG.keepalive_requests, CONFIG.keepalive_streams)
         self.grpc = (GrpcFrontend(self.plane, CONFIG.grpc_port, CONFIG.grpc_host, self.metrics)
                      if CONFIG.grpc_port else None)
         # What start-up allocated lives as long as the worker: keep it out of the collector's full

@@ -208,7 +208,9 @@ class Endpoint:
             response = error_response(ServingError(None, "internal error; the server log has the details", 500),
                                       self.errors)
         self.frontend.count(self._model_label(scope), self.protocol, response.status, time.perf_counter() - started)
-        if self.frontend.close_probability and random.random() < self.frontend.close_probability:
+        close = self.frontend.stream_close_probability if isinstance(response, StreamingResponse) else \
+            self.frontend.close_probability
+        if close and random.random() < close:
             response.headers.append((b"connection", b"close"))
         await response.send(send, receive)
 
@@ -240,14 +242,17 @@ class HttpFrontend(Starlette):
         self.metrics: Any = None
         self.max_body_bytes = max_body_bytes
         self.close_probability = 0.0
+        self.stream_close_probability = 0.0
         self._exact: dict[str, Endpoint] = {}
 
-    def bind(self, plane: Any, metrics: Any = None, keepalive_requests: int = 0) -> None:
+    def bind(self, plane: Any, metrics: Any = None, keepalive_requests: int = 0, keepalive_streams: int = 0) -> None:
         """``keepalive_requests``: close a keep-alive connection after that many requests on average
         (at random, so no per-connection state), which lets the kernel hand the reconnection to
-        whichever worker is least busy; 0 keeps connections open."""
+        whichever worker is least busy; 0 keeps connections open. ``keepalive_streams``: the same
+        for streamed responses, which are long enough that rebalancing sooner costs nothing."""
         self.plane, self.metrics = plane, metrics
         self.close_probability = 1 / keepalive_requests if keepalive_requests else 0.0
+        self.stream_close_probability = 1 / keepalive_streams if keepalive_streams else 0.0
 
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
               model: str | None = None, errors: Callable[[ServingError], Any] | None = None) -> None:

@@ -53,6 +53,8 @@ class ServingConfig:
     text_prefill_tokens: int = 2048  # padded prompt tokens prefilled in one session run (bounds the others' stall)
     text_stream_interval_ms: float = 10.0  # a stream's reader is woken at most this often (first and last chunk at
     #   once); text in between goes out joined. Measured at 8 streams: 2,100-2,600 tokens/s with 0, 3,100 with 10
+    api_key: str = field(default="", repr=False)  # when set, every route but health and metrics needs
+    #   "Authorization: Bearer <key>" (gRPC: that metadata); empty = open. Prefer SUITE_API_KEY to --arg (process lists)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown --arg keys, reported
 
     @property

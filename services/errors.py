@@ -7,8 +7,8 @@ from __future__ import annotations
 class ServingError(Exception):
     """A request the server refuses, naming the field to blame where there is one.
 
-    ``status`` is the HTTP status; gRPC maps it (400 INVALID_ARGUMENT, 404 NOT_FOUND, 413
-    INVALID_ARGUMENT, 503 UNAVAILABLE, 500 INTERNAL). ``retry_after`` (seconds) goes out as the
+    ``status`` is the HTTP status; gRPC maps it (400 INVALID_ARGUMENT, 401 UNAUTHENTICATED,
+    404 NOT_FOUND, 413 INVALID_ARGUMENT, 503 UNAVAILABLE, 500 INTERNAL). ``retry_after`` (seconds) goes out as the
     ``Retry-After`` header when the server is only busy."""
 
     def __init__(self, field: str | None, message: str, status: int = 400, retry_after: float | None = None):
@@ -27,6 +27,10 @@ class ServingError(Exception):
 
 def bad_request(field: str | None, message: str) -> ServingError:
     return ServingError(field, message, 400)
+
+
+def unauthorized(message: str) -> ServingError:
+    return ServingError("authorization", message, 401)
 
 
 def not_found(field: str, message: str) -> ServingError:

@@ -76,8 +76,8 @@ class Suite:
         self.repository = ModelRepository(CONFIG, observer_for=self.metrics.observer)
         self.repository.load_newest()
         self.plane = DataPlane(self.repository, server_version=bentoml.__version__)
-        http_app.bind(self.plane, self.metrics, CONFIG.keepalive_requests, CONFIG.keepalive_streams)
-        self.grpc = (GrpcFrontend(self.plane, CONFIG.grpc_port, CONFIG.grpc_host, self.metrics)
+        http_app.bind(self.plane, self.metrics, CONFIG.keepalive_requests, CONFIG.keepalive_streams, CONFIG.api_key)
+        self.grpc = (GrpcFrontend(self.plane, CONFIG.grpc_port, CONFIG.grpc_host, self.metrics, CONFIG.api_key)
                      if CONFIG.grpc_port else None)
         # What start-up allocated lives as long as the worker: keep it out of the collector's full
         # passes, which otherwise stall every request in flight (the tail latency under load).

@@ -128,7 +128,7 @@ def test_generate_stop_string(server):
 
 
 def test_generate_stream_joins_to_text(server):
-    body = {"prompt": "Exceptions are", "max_new_tokens": 16, "seed": 21}
+    body = {"prompt": "Exceptions are", "max_new_tokens": 48, "seed": 21, "ignore_eos": True}
     whole = generate(server, **body)
     r = requests.post(f"{server.url}/generate_stream", json=body, stream=True, timeout=120)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")

@@ -106,7 +106,8 @@ def stream_text(grpc_url: str, prompt: str, parameters: dict, empty_final: bool)
 
 @pytest.mark.parametrize("empty_final", [False, True])
 def test_grpc_stream_sends_text_as_it_comes(server, empty_final):
-    params = {"max_new_tokens": 16, "seed": 8, "temperature": 0.7}
+    # Enough tokens to span several text_stream_interval_ms periods on any machine.
+    params = {"max_new_tokens": 48, "seed": 8, "temperature": 0.7, "ignore_eos": True}
     native = requests.post(f"{server.url}/generate", json={"prompt": "The list", **params}, timeout=60).json()
     pieces, last = stream_text(f"127.0.0.1:{server.grpc_port}", "The list", params, empty_final)
     assert "".join(pieces) == native["text"]

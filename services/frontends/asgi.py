@@ -10,6 +10,7 @@ routes before claiming a path (its own /livez, /readyz, /metrics and UI stay Ben
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import random
@@ -21,7 +22,7 @@ from starlette.applications import Starlette
 from starlette._utils import get_route_path  # how Starlette itself strips a mount prefix
 from starlette.routing import Match, Route
 
-from services.errors import ServingError, bad_request, too_large, unavailable
+from services.errors import ServingError, bad_request, too_large, unauthorized, unavailable
 
 log = logging.getLogger("services.frontends")
 JSON = b"application/json"
@@ -179,8 +180,9 @@ class Endpoint:
     names the model for metrics (a path parameter name prefixed with ':' or a fixed name)."""
 
     def __init__(self, frontend: "HttpFrontend", handler: Handler, methods: tuple[str, ...], protocol: str,
-                 model: str | None, errors: Callable[[ServingError], Any] | None = None):
+                 model: str | None, errors: Callable[[ServingError], Any] | None = None, public: bool = False):
         self.frontend = frontend
+        self.public = public  # answered without the API key (health, metrics)
         self.handler = handler
         self.methods = methods
         self.protocol = protocol
@@ -193,6 +195,8 @@ class Endpoint:
         try:
             if self.frontend.plane is None:
                 raise unavailable("server", "starting: models are not loaded yet", retry_after=1)
+            if self.frontend.api_key and not self.public:
+                self.frontend.authorize(request)
             if scope["method"] not in self.methods:
                 response = error_response(ServingError(None, f"method {scope['method']} not allowed; use "
                                                              f"{' or '.join(self.methods)}", 405), self.errors)
@@ -201,6 +205,8 @@ class Endpoint:
                 response = await self.handler(request)
         except ServingError as exc:
             response = error_response(exc, self.errors)
+            if exc.status == 401:
+                response.headers.append((b"www-authenticate", b"Bearer"))
         except ClientGone:
             return
         except Exception:  # a JSON body clients can parse, and no stack trace in it
@@ -243,9 +249,11 @@ class HttpFrontend(Starlette):
         self.max_body_bytes = max_body_bytes
         self.close_probability = 0.0
         self.stream_close_probability = 0.0
+        self.api_key = b""
         self._exact: dict[str, Endpoint] = {}
 
-    def bind(self, plane: Any, metrics: Any = None, keepalive_requests: int = 0, keepalive_streams: int = 0) -> None:
+    def bind(self, plane: Any, metrics: Any = None, keepalive_requests: int = 0, keepalive_streams: int = 0,
+             api_key: str = "") -> None:
         """``keepalive_requests``: close a keep-alive connection after that many requests on average
         (at random, so no per-connection state), which lets the kernel hand the reconnection to
         whichever worker is least busy; 0 keeps connections open. ``keepalive_streams``: the same
@@ -253,10 +261,20 @@ class HttpFrontend(Starlette):
         self.plane, self.metrics = plane, metrics
         self.close_probability = 1 / keepalive_requests if keepalive_requests else 0.0
         self.stream_close_probability = 1 / keepalive_streams if keepalive_streams else 0.0
+        self.api_key = api_key.encode()
+
+    def authorize(self, request: Request) -> None:
+        """``Authorization: Bearer <api_key>``, compared in constant time; 401 otherwise."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized("missing: send the API key as 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.strip().encode(), self.api_key):
+            raise unauthorized("the API key is not valid")
 
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
-              model: str | None = None, errors: Callable[[ServingError], Any] | None = None) -> None:
-        endpoint = Endpoint(self, handler, methods, protocol, model, errors)
+              model: str | None = None, errors: Callable[[ServingError], Any] | None = None,
+              public: bool = False) -> None:
+        endpoint = Endpoint(self, handler, methods, protocol, model, errors, public)
         if "{" in path:
             self.router.routes.append(Route(path, endpoint))
         else:

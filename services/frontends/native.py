@@ -160,4 +160,4 @@ def add_native_routes(app: HttpFrontend) -> None:
     app.route("/generate", generate, model="generate")
     app.route("/generate_stream", generate_stream, model="generate")
     app.route("/models", models, methods=("GET", "POST"))
-    app.route("/metrics", metrics, methods=("GET",), protocol="metrics")
+    app.route("/metrics", metrics, methods=("GET",), protocol="metrics", public=True)

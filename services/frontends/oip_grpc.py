@@ -14,6 +14,7 @@ Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import Any
 
@@ -28,7 +29,7 @@ from services.frontends.oip_codec import numpy_dtype, oip_datatype, tensor_from_
 log = logging.getLogger("services.frontends.grpc")
 MAX_MESSAGE = 64 * 1024 * 1024
 FINAL, EMPTY_FINAL = "triton_final_response", "triton_enable_empty_final_response"  # Triton's decoupled-model parameters
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
          415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
 
 # Typed ``InferTensorContents`` field per datatype (FP16 has none: raw only).
@@ -201,21 +202,57 @@ def infer_response(request: pb.ModelInferRequest, result: Any) -> pb.ModelInferR
     return response
 
 
+PUBLIC_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
+                  "/inference.GRPCInferenceService/ModelReady")  # health: answered without the API key
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every method but the health ones needs ``authorization: Bearer <key>`` metadata (what
+    ``tritonclient.grpc`` sends with ``headers={"authorization": ...}``); UNAUTHENTICATED otherwise."""
+
+    def __init__(self, api_key: str):
+        self.api_key = api_key.encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method in PUBLIC_METHODS:
+            return handler
+        metadata = {k: v for k, v in (details.invocation_metadata or ())}
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        if scheme.lower() == "bearer" and token and hmac.compare_digest(token.strip().encode(), self.api_key):
+            return handler
+        message = ("authorization: the API key is not valid" if token else
+                   "authorization: missing: send the API key as 'authorization: Bearer <key>' metadata")
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def refuse_stream(requests, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # an async generator, as stream handlers are
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+
+
 class GrpcFrontend:
     """The gRPC server's lifecycle in one worker. A failed bind is logged at ERROR and reported
     through the data plane's readiness (``/readyz`` and ``/v2/health/ready`` answer 503); it does
     not raise, because a raising startup hook makes BentoML respawn the worker in a tight loop."""
 
-    def __init__(self, plane: Any, port: int, host: str = "0.0.0.0", metrics: Any = None):
+    def __init__(self, plane: Any, port: int, host: str = "0.0.0.0", metrics: Any = None, api_key: str = ""):
         self.plane = plane
         self.port, self.host = port, host
         self.metrics = metrics
+        self.api_key = api_key
         self.server: grpc.aio.Server | None = None
         self.error: str | None = "not started"
         plane.add_readiness_check("grpc", lambda: self.error)
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=[
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(self.api_key)] if self.api_key else None, options=[
             ("grpc.so_reuseport", 1),  # every worker process serves the port
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),

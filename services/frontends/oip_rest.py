@@ -144,8 +144,8 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
     get = ("GET",)
     app.route("/v2", server_metadata, get, "oip_rest")
     app.route("/v2/", server_metadata, get, "oip_rest")
-    app.route("/v2/health/live", live, get, "oip_rest")
-    app.route("/v2/health/ready", ready, get, "oip_rest")
+    app.route("/v2/health/live", live, get, "oip_rest", public=True)
+    app.route("/v2/health/ready", ready, get, "oip_rest", public=True)
     for prefix in (model, versioned):
         app.route(prefix, model_metadata, get, "oip_rest", ":model")
         app.route(prefix + "/ready", model_ready, get, "oip_rest", ":model")

@@ -27,12 +27,13 @@ SAMPLING = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequen
             "repetition_penalty", "ignore_eos")
 FIELDS = ("model", "prompt", "max_tokens", "n", "stream", "stream_options", "echo", "user", "logprobs", "best_of",
           "suffix", "logit_bias", *SAMPLING)
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
                413: "invalid_request_error", 415: "invalid_request_error", 503: "server_error"}
 
 
 def openai_error(exc: ServingError) -> dict:
-    code = "model_not_found" if exc.status == 404 and exc.field in ("model", "version") else None
+    code = ("model_not_found" if exc.status == 404 and exc.field in ("model", "version")
+            else "invalid_api_key" if exc.status == 401 else None)
     return {"error": {"message": str(exc), "type": ERROR_TYPES.get(exc.status, "server_error"), "param": exc.field,
                       "code": code}}
 

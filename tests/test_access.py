@@ -1,0 +1,76 @@
+"""Optional access control on a real `bentoml serve` started with SUITE_API_KEY: every route but
+health and metrics needs ``Authorization: Bearer <key>`` over HTTP (native, OIP REST, OpenAI) and
+the same metadata over gRPC; a missing or wrong key is 401 / UNAUTHENTICATED naming the header."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import requests
+import tritonclient.grpc as tgrpc
+from tritonclient.utils import InferenceServerException
+
+from loadtest.payloads import digit_png
+from loadtest.servers import free_port, start_server
+
+KEY = "test-key-7f3a"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def keyed(built_models):
+    port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "SUITE_GRPC_PORT": str(grpc_port), "SUITE_INTRA_OP_THREADS": "1", "SUITE_WORKERS": "1",
+           "SUITE_MODELS": "classify,generate", "SUITE_API_KEY": KEY}
+    log = Path(tempfile.mkdtemp(prefix="keyed-")) / "serve.log"
+    server = start_server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                          port=port, grpc_port=grpc_port, env=env, cwd=REPO, log_path=log, timeout=180)
+    try:
+        yield server
+    finally:
+        server.stop(grace=20)
+
+
+def test_http_routes_need_the_key(keyed):
+    png = digit_png()[0]
+    classify = lambda headers: requests.post(f"{keyed.url}/classify", data=png, timeout=60,  # noqa: E731
+                                             headers={"Content-Type": "image/png", **headers})
+    missing = classify({})
+    assert missing.status_code == 401 and missing.json()["field"] == "authorization"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert classify({"Authorization": "Bearer wrong"}).status_code == 401
+    assert classify({"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert requests.get(f"{keyed.url}/v2/models/classify", timeout=30).status_code == 401
+    assert requests.get(f"{keyed.url}/docs.json", timeout=30).status_code == 401
+    for public in ("/v2/health/live", "/v2/health/ready", "/metrics", "/readyz", "/livez"):
+        assert requests.get(f"{keyed.url}{public}", timeout=30).status_code == 200, public
+
+
+def test_openai_client_sends_its_api_key(keyed):
+    good = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    assert good.completions.create(model="generate", prompt="The", max_tokens=3).usage.completion_tokens >= 1
+    bad = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        bad.models.list()
+    assert refused.value.body["code"] == "invalid_api_key"
+
+
+def test_grpc_needs_the_key_except_health(keyed):
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{keyed.grpc_port}")
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        image = tgrpc.InferInput("image", [1, 1, 28, 28], "FP32")
+        image.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("classify", [image])
+        assert "UNAUTHENTICATED" in refused.value.status() and "authorization" in refused.value.message()
+        result = client.infer("classify", [image], headers={"authorization": f"Bearer {KEY}"})
+        assert result.as_numpy("probabilities").shape == (1, 10)
+    finally:
+        client.close()

@@ -29,18 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.servers import Server, free_port, start_server
+from loadtest.servers import Server, free_port, start_server, start_suite
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start_suite(env_overrides: dict, workdir: Path, suite_dir: Path) -> Server:
-    port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "SUITE_GRPC_PORT": str(grpc_port),
-           "SUITE_HTTP_PORT": str(port), **env_overrides}
-    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+def start_labelled_suite(env_overrides: dict, workdir: Path, suite_dir: Path) -> Server:
     label = "suite" + "".join(f"_{k}={v}" for k, v in env_overrides.items())
-    return start_server(command, port=port, grpc_port=grpc_port, env=env, cwd=suite_dir, log_path=workdir / f"{label}.log")
+    return start_suite(env_overrides, workdir / f"{label}.log", cwd=suite_dir)
 
 
 def start_reference(workers: int, model: Path, cores: int, workdir: Path) -> Server:
@@ -262,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         for batching, wanted in (("true", groups & {"classify", "oip", "batching"}), ("false", groups & {"batching"})):
             if not wanted:
                 continue
-            suite = start_suite({"SUITE_BATCHING": batching}, workdir, args.suite_dir)
+            suite = start_labelled_suite({"SUITE_BATCHING": batching}, workdir, args.suite_dir)
             try:
                 if batching == "true" and "classify" in groups:
                     check_classify(suite.url, classify_body, classify_type, label)

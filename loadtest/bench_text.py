@@ -37,13 +37,17 @@ PROMPTS = ["The Python standard library", "import os\nimport sys\n\n", "A list i
 
 # ---- in process ---------------------------------------------------------------------------------
 
-def transformers_rates(hf_dir: Path, tokenizer_file: Path, tokens: int, repeats: int) -> dict[int, float]:
-    import torch
+def load_reference(checkpoint: Path):
+    """The checkpoint's transformers model (``hf/``) and tokenizer, loaded once for both uses."""
     from tokenizers import Tokenizer
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    return GPT2LMHeadModel.from_pretrained(checkpoint / "hf").eval(), Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+
+
+def transformers_rates(model, tokenizer, tokens: int, repeats: int) -> dict[int, float]:
+    import torch
+
     rates = {}
     for batch in (1, 8):
         # Equal-length prompts (the first tokens of one prompt) so no padding is needed.
@@ -63,13 +67,9 @@ def transformers_rates(hf_dir: Path, tokenizer_file: Path, tokens: int, repeats:
     return rates
 
 
-def transformers_greedy(hf_dir: Path, tokenizer_file: Path, prompt: str, tokens: int) -> str:
+def transformers_greedy(model, tokenizer, prompt: str, tokens: int) -> str:
     import torch
-    from tokenizers import Tokenizer
-    from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     x = torch.tensor([tokenizer.encode(prompt).ids])
     with torch.no_grad():
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
@@ -161,28 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    hf_dir, tokenizer_file = args.checkpoint / "hf", args.checkpoint / "tokenizer.json"
-    if not hf_dir.is_dir():
-        print(f"{hf_dir} is missing: train the text model first (make models)", file=sys.stderr)
+    if not (args.checkpoint / "hf").is_dir():
+        print(f"{args.checkpoint / 'hf'} is missing: train the text model first (make models)", file=sys.stderr)
         return 2
 
     print(f"machine: {os.cpu_count()} cores; {args.tokens} new tokens per request\n", flush=True)
-    reference = transformers_rates(hf_dir, tokenizer_file, args.tokens, args.repeats)
+    model, tokenizer = load_reference(args.checkpoint)
+    reference = transformers_rates(model, tokenizer, args.tokens, args.repeats)
 
     import requests
 
-    from loadtest.servers import free_port, start_server
+    from loadtest.servers import start_suite
 
-    port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "SUITE_GRPC_PORT": str(grpc_port)}
-    workdir = Path(tempfile.mkdtemp(prefix="bench-text-"))
-    server = start_server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                          port=port, grpc_port=grpc_port, env=env, cwd=REPO, log_path=workdir / "suite.log")
+    server = start_suite({}, Path(tempfile.mkdtemp(prefix="bench-text-")) / "suite.log", cwd=REPO)
+    port = int(server.url.rsplit(":", 1)[1])
     rows = []
     try:
         served = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
             "model": "generate", "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True}).json()
-        expected = transformers_greedy(hf_dir, tokenizer_file, PROMPTS[1], 24)
+        expected = transformers_greedy(model, tokenizer, PROMPTS[1], 24)
         same = served["choices"][0]["text"] == expected
         print(f"served model {served['model']}: greedy text {'equals' if same else 'DIFFERS FROM'} the checkpoint's "
               f"generate()", flush=True)

@@ -9,7 +9,10 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -59,3 +62,13 @@ def start_server(command: list[str], *, port: int, env: dict, cwd: Path, log_pat
         time.sleep(0.5)
     server.stop()
     raise TimeoutError(f"not ready in {timeout}s:\n{server.log()[-4000:]}")
+
+
+def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: float = 240) -> Server:
+    """``bentoml serve`` of the suite in ``cwd`` on free loopback HTTP and gRPC ports, with
+    ``SUITE_*`` settings from ``env_overrides`` on top of this process's environment."""
+    port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "SUITE_GRPC_PORT": str(grpc_port),
+           "SUITE_HTTP_PORT": str(port), **env_overrides}
+    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return start_server(command, port=port, grpc_port=grpc_port, env=env, cwd=cwd, log_path=log_path, timeout=timeout)

@@ -75,7 +75,6 @@ class ModelHandle:
         self.session = session
         self.runner = runner  # tensors in, tensors out: the dynamic batcher
         self.engine = engine  # text models: continuous batching of whole generations
-        self.state: dict[str, Any] = {}  # per-version helpers built by task handlers (a tokenizer)
 
     @property
     def tag(self) -> str:

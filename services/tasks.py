@@ -21,7 +21,7 @@ from services.errors import bad_request, too_large
 from services.imaging import encode_png, grid, load_image, open_image, to_model_input
 from services.repository import ModelHandle
 from services.textengine import Sequence
-from services.textgen import Completion, SamplingParams, parse_sampling
+from services.textgen import Chunk, Completion, SamplingParams, parse_sampling
 
 Tensors = dict[str, np.ndarray]
 # Images up to this many pixels are decoded and encoded on the event loop: a thread hop costs more
@@ -333,9 +333,7 @@ class TextGeneration(TaskHandler):
             return await super().infer_tensors(handle, feeds, parameters)
         prompt, params = self.text_request(handle, feeds, parameters)
         done = await self.complete(handle, prompt, params)
-        return self.text_result(done.text, feeds[TEXT_INPUT].shape,
-                                {"finish_reason": done.finish_reason, "seed": params.seed,
-                                 "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens})
+        return self.text_result(done.text, feeds[TEXT_INPUT].shape, finish_parameters(done, params.seed))
 
     async def stream_tensors(self, handle: ModelHandle, feeds: Tensors,
                              parameters: Mapping[str, Any]) -> AsyncIterator[TensorResult]:
@@ -349,14 +347,18 @@ class TextGeneration(TaskHandler):
 
         async def results() -> AsyncIterator[TensorResult]:
             async for chunk in sequence.chunks():
-                extra = {} if chunk.finish_reason is None else {
-                    "finish_reason": chunk.finish_reason, "seed": params.seed,
-                    "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
+                extra = {} if chunk.finish_reason is None else finish_parameters(chunk, params.seed)
                 result = self.text_result(chunk.text, shape, extra)
                 result.final = chunk.finish_reason is not None
                 yield result
 
         return results()
+
+
+def finish_parameters(done: Completion | Chunk, seed: int) -> dict[str, Any]:
+    """The response parameters of a finished OIP text request."""
+    return {"finish_reason": done.finish_reason, "seed": seed, "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens}
 
 
 HANDLERS: dict[str, type[TaskHandler]] = {h.task: h for h in (ImageClassification, Segmentation, Denoising,

@@ -41,6 +41,11 @@ SLOT_BLOCK = 32  # cache slots are added (and dropped) this many at a time
 Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
+def whole_blocks(slots: int) -> int:
+    """``slots`` rounded up to whole ``SLOT_BLOCK``s."""
+    return -(-slots // SLOT_BLOCK) * SLOT_BLOCK
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     max_live: int = 32  # sequences decoded together; more wait
@@ -341,7 +346,7 @@ class TextEngine:
         if rows <= have_rows and slots <= have_slots:
             return
         self._resize(max(have_rows, min(self.limits.max_live, 1 << (rows - 1).bit_length())),
-                     max(have_slots, min(self.window, -(-slots // SLOT_BLOCK) * SLOT_BLOCK)))
+                     max(have_slots, min(self.window, whole_blocks(slots))))
 
     def _resize(self, rows: int, slots: int) -> None:
         live, keep = len(self._live), min(slots, self._cache[0].shape[2])
@@ -355,11 +360,6 @@ class TextEngine:
         outputs = self.run(feeds)
         self.observer.ran(rows, time.perf_counter() - started)
         return outputs
-
-    @staticmethod
-    def _mask(lengths: np.ndarray, slots: int) -> np.ndarray:
-        """(rows, slots) with ones on each row's last ``lengths[i]`` slots."""
-        return (np.arange(slots) >= (slots - lengths)[:, None]).astype(np.int64)
 
     def _sample(self, sequences: list[Sequence], logits: np.ndarray) -> None:
         for seq, row in zip(sequences, logits[:, -1]):
@@ -398,7 +398,7 @@ class TextEngine:
             self._live, self._lengths = live, lengths[:len(live)]
             self.observer.sequences(len(self._live), len(self._waiting))
         # Shrink only to half or less: resizing copies the live rows, and rows come and go.
-        slots = -(-(int(self._lengths.max()) + 1) // SLOT_BLOCK) * SLOT_BLOCK if live else SLOT_BLOCK
+        slots = whole_blocks(int(self._lengths.max()) + 1) if live else SLOT_BLOCK
         rows = 1 << max(0, len(live) - 1).bit_length()
         have_rows, have_slots = self._cache[0].shape[0], self._cache[0].shape[2]
         if slots <= have_slots // 2 or rows <= have_rows // 4:

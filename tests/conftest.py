@@ -4,14 +4,13 @@ artifacts folder and BentoML store, and a real `bentoml serve` on free loopback 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from loadtest.servers import Server, free_port, start_server
+from loadtest.servers import Server, start_suite
 
 # Before anything imports bentoml: a private store, never the user's.
 _TMP = Path(tempfile.mkdtemp(prefix="suite-tests-"))
@@ -46,11 +45,7 @@ def built_models() -> dict[str, Built]:
 @pytest.fixture(scope="session")
 def server(built_models) -> Server:
     """A real `bentoml serve` of bentofile.yaml's service, from the quick models, on free ports."""
-    port, grpc_port = free_port(), free_port()
-    log_path = _TMP / "serve.log"
-    env = {**os.environ, "SUITE_GRPC_PORT": str(grpc_port), "SUITE_INTRA_OP_THREADS": "1"}
-    server = start_server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                          port=port, grpc_port=grpc_port, env=env, cwd=REPO, log_path=log_path, timeout=180)
+    server = start_suite({"SUITE_INTRA_OP_THREADS": "1"}, _TMP / "serve.log", timeout=180)
     try:
         yield server
     finally:

@@ -4,8 +4,6 @@ the same metadata over gRPC; a missing or wrong key is 401 / UNAUTHENTICATED nam
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,20 +15,16 @@ import tritonclient.grpc as tgrpc
 from tritonclient.utils import InferenceServerException
 
 from loadtest.payloads import digit_png
-from loadtest.servers import free_port, start_server
+from loadtest.servers import start_suite
 
 KEY = "test-key-7f3a"
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def keyed(built_models):
-    port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "SUITE_GRPC_PORT": str(grpc_port), "SUITE_INTRA_OP_THREADS": "1", "SUITE_WORKERS": "1",
-           "SUITE_MODELS": "classify,generate", "SUITE_API_KEY": KEY}
-    log = Path(tempfile.mkdtemp(prefix="keyed-")) / "serve.log"
-    server = start_server([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                          port=port, grpc_port=grpc_port, env=env, cwd=REPO, log_path=log, timeout=180)
+    settings = {"SUITE_INTRA_OP_THREADS": "1", "SUITE_WORKERS": "1", "SUITE_MODELS": "classify,generate",
+                "SUITE_API_KEY": KEY}
+    server = start_suite(settings, Path(tempfile.mkdtemp(prefix="keyed-")) / "serve.log", timeout=180)
     try:
         yield server
     finally:

@@ -168,7 +168,9 @@ def json_response(payload: Any, status: int = 200, headers: list[tuple[bytes, by
 
 def error_response(exc: ServingError, body: Callable[[ServingError], Any] | None = None) -> Response:
     """``body`` shapes the JSON (a protocol's own error object); ours by default."""
-    headers = [(b"retry-after", str(max(1, round(exc.retry_after))).encode())] if exc.retry_after else None
+    headers = [(b"retry-after", str(max(1, round(exc.retry_after))).encode())] if exc.retry_after else []
+    if exc.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
     return json_response(body(exc) if body is not None else exc.to_json(), exc.status, headers)
 
 
@@ -205,8 +207,6 @@ class Endpoint:
                 response = await self.handler(request)
         except ServingError as exc:
             response = error_response(exc, self.errors)
-            if exc.status == 401:
-                response.headers.append((b"www-authenticate", b"Bearer"))
         except ClientGone:
             return
         except Exception:  # a JSON body clients can parse, and no stack trace in it

@@ -9,7 +9,7 @@ PROFILE ?= standard
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve models test build loadtest bench bench-text clean
+.PHONY: serve models test build loadtest bench bench-text fuzz overload soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,20 @@ bench: models $(BIN)/.bench-installed
 # in process, same checkpoint (needs artifacts/generate from `make models`). Took about 2 minutes.
 bench-text: models
 	$(BIN)/python -m loadtest.bench_text
+
+# Reliability scripts (issue 8); each starts the suite on free ports and prints its figures.
+# schemathesis over every route + malformed gRPC ModelInfer; FUZZ_EXAMPLES per operation.
+FUZZ_EXAMPLES ?= 5000
+fuzz: models
+	$(BIN)/python -m loadtest.fuzz --examples $(FUZZ_EXAMPLES) --grpc-requests 5000
+
+# /classify at 4x its saturating concurrency: goodput, 503 share, /readyz latency (needs wrk).
+overload: models
+	$(BIN)/python -m loadtest.overload
+
+# 10 minutes of the locustfile's mixed traffic, sampling each worker's RSS.
+soak: models
+	$(BIN)/python -m loadtest.soak --minutes 10
 
 clean:
 	rm -rf artifacts .bentoml

@@ -27,17 +27,23 @@ class Server:
     grpc_port: int | None
     process: subprocess.Popen
     log_path: Path
+    probe_port: int | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, grace: float = 30) -> None:
         """SIGTERM to the whole process group (BentoML's workers too), SIGKILL after ``grace`` s."""
+        if self.process.poll() is not None:
+            return  # stopped already (a test may stop it itself)
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=grace)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.process.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.process.wait()
 
 
@@ -64,11 +70,22 @@ def start_server(command: list[str], *, port: int, env: dict, cwd: Path, log_pat
     raise TimeoutError(f"not ready in {timeout}s:\n{server.log()[-4000:]}")
 
 
-def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: float = 240) -> Server:
+def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: float = 240,
+                ready_path: str = "/readyz") -> Server:
     """``bentoml serve`` of the suite in ``cwd`` on free loopback HTTP and gRPC ports, with
     ``SUITE_*`` settings from ``env_overrides`` on top of this process's environment."""
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port, probe_port = free_port(), free_port(), free_port()
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "SUITE_GRPC_PORT": str(grpc_port),
-           "SUITE_HTTP_PORT": str(port), **env_overrides}
+           "SUITE_HTTP_PORT": str(port), "SUITE_PROBE_PORT": str(probe_port), "SUITE_GRPC_HOST": "127.0.0.1",
+           **env_overrides}
     command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return start_server(command, port=port, grpc_port=grpc_port, env=env, cwd=cwd, log_path=log_path, timeout=timeout)
+    server = start_server(command, port=port, grpc_port=grpc_port, env=env, cwd=cwd, log_path=log_path,
+                          timeout=timeout, ready_path=ready_path)
+    server.probe_port = probe_port
+    return server
+
+
+def worker_pids(server: Server) -> list[int]:
+    """The worker processes of a ``bentoml serve`` (children of its arbiter)."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []

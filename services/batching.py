@@ -10,7 +10,12 @@ batches fill up. ``max_queue_delay`` makes an idle model wait that long for comp
 Every input and output is batch-major (axis 0). A request may carry several rows. When a batch
 run fails, its requests are run again one by one, so one bad request never fails its companions.
 With ``max_batch_size=1`` every request runs alone, ``concurrency`` of them at a time: what
-``batching=false`` serves, for comparison."""
+``batching=false`` serves, for comparison.
+
+Admission: a request is refused at once (503 + Retry-After) when ``max_queue`` requests are waiting
+or when its expected wait is over ``max_queue_wait_s``: the longer of how long the oldest waiting
+request has waited and the queued rows times the recent time per row. Refusing on arrival costs
+next to nothing; a request that waits out its client's patience costs a whole request for nothing."""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from services.errors import unavailable
+from services.errors import ServingError, unavailable
 
 log = logging.getLogger("services.batching")
 Tensors = dict[str, np.ndarray]
@@ -50,6 +55,7 @@ class _Pending:
     rows: int
     key: tuple  # requests with equal keys (names, per-row shapes, dtypes) stack
     future: asyncio.Future = field(repr=False)
+    queued_at: float = 0.0  # time.monotonic()
 
 
 def stack_key(feeds: Tensors) -> tuple:
@@ -65,14 +71,18 @@ def batch_rows(feeds: Tensors) -> int:
 
 class DynamicBatcher:
     def __init__(self, name: str, run: Callable[[Tensors], Tensors], *, max_batch_size: int,
-                 max_queue_delay_s: float = 0.0, max_queue: int = 256, concurrency: int = 1,
-                 observer: BatchObserver | None = None):
-        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_s < 0 or concurrency < 1:
-            raise ValueError("max_batch_size, max_queue and concurrency must be >= 1, max_queue_delay_s >= 0")
+                 max_queue_delay_s: float = 0.0, max_queue: int = 256, max_queue_wait_s: float = 0.0,
+                 concurrency: int = 1, observer: BatchObserver | None = None):
+        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_s < 0 or max_queue_wait_s < 0 or concurrency < 1:
+            raise ValueError("max_batch_size, max_queue and concurrency must be >= 1, max_queue_delay_s and "
+                             "max_queue_wait_s >= 0")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s  # 0 = no time budget
+        self._row_seconds = 0.0  # recent session time per row (moving average), for the expected wait
+        self._queued_rows = 0
         self._run = run
         self._observer = observer or _NoObserver()
         self._queue: deque[_Pending] = deque()
@@ -81,25 +91,53 @@ class DynamicBatcher:
         # ``concurrency`` batches in flight per model and worker (one thread each); the next gathers meanwhile.
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix=f"batch-{name}")
         self._closed = False
+        self._running = 0  # batches in the executor
         self.concurrency = concurrency
 
     async def submit(self, feeds: Tensors) -> Tensors:
         """Queues one request (validated inputs, batch-major) and waits for its rows of the outputs.
         Refused with 503 at once when ``max_queue`` requests are already waiting."""
-        if self._closed:
-            raise unavailable(None, f"model {self.name} is unloading", retry_after=1)
-        if len(self._queue) >= self.max_queue:
-            raise unavailable(None, f"model {self.name} has {len(self._queue)} requests waiting, the most it "
-                                    f"queues; retry later", retry_after=1)
+        refusal = self.admission_error()
+        if refusal is not None:
+            raise refusal
         loop = asyncio.get_running_loop()
         if self._runner is None:
             self._wakeup = asyncio.Event()
             self._runner = loop.create_task(self._run_forever(), name=f"batcher-{self.name}")
         future = loop.create_future()
-        self._queue.append(_Pending(feeds, batch_rows(feeds), stack_key(feeds), future))
+        rows = batch_rows(feeds)
+        self._queue.append(_Pending(feeds, rows, stack_key(feeds), future, time.monotonic()))
+        self._queued_rows += rows
         self._observer.queued(len(self._queue))
         self._wakeup.set()
         return await future  # cancelled with the request: the runner skips it
+
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now is expected to wait before its batch starts."""
+        if not self._queue:
+            return 0.0
+        waited = time.monotonic() - self._queue[0].queued_at
+        return max(waited, self._queued_rows * self._row_seconds / self.concurrency)
+
+    def admission_error(self) -> ServingError | None:
+        """Why a request arriving now would be refused (503), or None; cheap enough to ask before
+        reading a request's body."""
+        if self._closed:
+            return unavailable(None, f"model {self.name} is unloading", retry_after=1)
+        if len(self._queue) >= self.max_queue:
+            return unavailable(None, f"model {self.name} has {len(self._queue)} requests waiting, the most it "
+                                     f"queues; retry later", retry_after=1)
+        if self.max_queue_wait_s:
+            wait = self.expected_wait()
+            if wait > self.max_queue_wait_s:
+                return unavailable(None, f"model {self.name} is overloaded: a request would wait about "
+                                         f"{wait * 1000:.0f} ms, over the {self.max_queue_wait_s * 1000:.0f} ms "
+                                         f"budget; retry later", retry_after=max(1.0, wait))
+        return None
+
+    def idle(self) -> bool:
+        """Nothing waiting and no batch running."""
+        return not self._queue and self._running == 0
 
     async def close(self) -> None:
         """Stops the runner; requests still waiting are refused with 503."""
@@ -110,6 +148,7 @@ class DynamicBatcher:
                 await self._runner
             except asyncio.CancelledError:
                 pass
+        self._queued_rows = 0
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
@@ -160,7 +199,7 @@ class DynamicBatcher:
         the others keep their places."""
         queue = self._queue
         while queue and queue[0].future.done():  # cancelled while waiting
-            queue.popleft()
+            self._queued_rows -= queue.popleft().rows
         if not queue:
             return []
         first = queue.popleft()
@@ -168,6 +207,7 @@ class DynamicBatcher:
         while queue and rows < self.max_batch_size:
             item = queue.popleft()
             if item.future.done():
+                self._queued_rows -= item.rows
                 continue
             if item.key == first.key and rows + item.rows <= self.max_batch_size:
                 batch.append(item)
@@ -176,6 +216,7 @@ class DynamicBatcher:
                 kept.append(item)
         kept.extend(queue)
         self._queue = kept
+        self._queued_rows -= rows
         return batch
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
@@ -185,17 +226,27 @@ class DynamicBatcher:
             feeds = {name: np.concatenate([item.feeds[name] for item in batch]) for name in batch[0].feeds}
         rows = sum(item.rows for item in batch)
         started = time.perf_counter()
+        self._running += 1
         try:
             outputs = await loop.run_in_executor(self._executor, self._run, feeds)
         except Exception as exc:  # noqa: BLE001 - isolate the request that caused it
+            failure: Exception | None = exc
+        else:
+            failure = None
+        finally:
+            self._running -= 1
+        if failure is not None:
             if len(batch) == 1:
-                _settle(batch[0], exc)
+                _settle(batch[0], failure)
                 return
-            log.warning("%s: batch of %d requests failed (%s); running them one by one", self.name, len(batch), exc)
+            log.warning("%s: batch of %d requests failed (%s); running them one by one", self.name, len(batch),
+                        failure)
             for item in batch:
                 await self._execute(loop, [item])
             return
-        self._observer.ran(rows, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._row_seconds = seconds / rows if not self._row_seconds else 0.8 * self._row_seconds + 0.2 * seconds / rows
+        self._observer.ran(rows, seconds)
         start = 0
         for item in batch:
             end = start + item.rows

@@ -33,12 +33,20 @@ class ServingConfig:
     batching: bool = True  # dynamic batching in process; false = every request runs alone
     max_batch_size: int = 64  # rows per session run; also capped by each contract's max_batch
     max_queue_delay_ms: float = 0.0  # how long a batch waits for companions once the model is idle
-    max_queue: int = 256  # requests waiting per model and worker; more are refused with 503
+    max_queue: int = 256  # requests waiting per model and worker; more are refused with 503 at once
+    max_queue_wait_ms: float = 1000.0  # a request whose expected wait in its model's queue is longer is refused with
+    #   503 + Retry-After at once (Triton's queue policy timeout, applied on arrival); 0 = no time budget
+    repository_poll_s: float = 0.0  # every this many seconds, a model following the newest stored version switches to
+    #   a newer export found in the store (Triton's poll mode); 0 = only on POST /v2/repository/models/<name>/load
+    model_limits: tuple[str, ...] = ()  # per-model overrides of the limits in PER_MODEL_LIMITS, "model.limit=value"
+    #   entries: SUITE_MODEL_LIMITS="denoise.max_queue=32,generate.text_max_waiting=16"
     batch_concurrency: int = 2  # batches of one model running at once per worker: with two, a worker can use a
     #   second core while the other worker idles (measured: denoise 58 -> 96 req/s at 8 connections)
     grpc_port: int = 9000  # Open Inference Protocol gRPC; 0 = no gRPC server
     grpc_host: str = "0.0.0.0"
     http_port: int = 3000
+    probe_port: int = 3001  # /livez, /readyz and /metrics answered by a thread of each worker, never behind requests
+    #   (the port for Kubernetes probes; every worker binds it with SO_REUSEPORT); 0 = none
     access_log: bool = False  # one log line per request (BentoML's access log); off like most production servers
     tracing: bool = False  # BentoML's OpenTelemetry spans per request; turn on with a tracing exporter configured
     bentoml_metrics: bool = False  # BentoML's per-path HTTP metrics too (the suite's per-model ones are always on)
@@ -56,6 +64,16 @@ class ServingConfig:
     api_key: str = field(default="", repr=False)  # when set, every route but health and metrics needs
     #   "Authorization: Bearer <key>" (gRPC: that metadata); empty = open. Prefer SUITE_API_KEY to --arg (process lists)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown --arg keys, reported
+
+    def limits(self, model: str) -> "ModelLimits":
+        """The queueing and batching limits of one model: the global ones, then its overrides."""
+        values = {name: getattr(self, name) for name in PER_MODEL_LIMITS}
+        for entry in self.model_limits:
+            target, _, rest = entry.partition(".")
+            if target == model:
+                name, _, raw = rest.partition("=")
+                values[name] = parse_value(name, PER_MODEL_LIMITS[name], raw)
+        return ModelLimits(**values)
 
     @property
     def worker_count(self) -> int:
@@ -92,7 +110,17 @@ class ServingConfig:
         unknown = [m for m in self.models if m not in FAMILIES]
         if unknown:
             raise ValueError(f"models: unknown {unknown}; known: {list(FAMILIES)}")
-        for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "keepalive_requests", "keepalive_streams",
+        for entry in self.model_limits:
+            target, dot, rest = entry.partition(".")
+            name, eq, raw = rest.partition("=")
+            if not dot or not eq or target not in FAMILIES or name not in PER_MODEL_LIMITS:
+                raise ValueError(f"model_limits: {entry!r} is not <model>.<limit>=<value> with a model of "
+                                 f"{list(FAMILIES)} and a limit of {list(PER_MODEL_LIMITS)}")
+            value = parse_value(name, PER_MODEL_LIMITS[name], raw)
+            if value < (1 if name != "max_queue_wait_ms" else 0):
+                raise ValueError(f"model_limits: {entry!r} is out of range")
+        for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "max_queue_wait_ms", "probe_port",
+                     "repository_poll_s", "keepalive_requests", "keepalive_streams",
                      "text_max_waiting", "text_stream_interval_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -100,6 +128,21 @@ class ServingConfig:
                      "text_max_live", "text_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+
+
+PER_MODEL_LIMITS = {"max_queue": "int", "max_queue_wait_ms": "float", "max_batch_size": "int",
+                    "text_max_live": "int", "text_max_waiting": "int"}
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What ``ServingConfig.limits(model)`` gives: the limits one model's batcher or engine runs with."""
+
+    max_queue: int
+    max_queue_wait_ms: float
+    max_batch_size: int
+    text_max_live: int
+    text_max_waiting: int
 
 
 def parse_value(name: str, kind: Any, raw: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 import numpy as np
 
 from services.errors import ServingError, bad_request, unavailable
-from services.repository import ModelHandle, ModelRepository
+from services.repository import ModelHandle, ModelRepository, WantedState
 from services.tasks import (HANDLERS, Denoising, ImageClassification, ImageGeneration, Segmentation, TaskHandler,
                             TextGeneration)
 from services.textengine import Sequence
@@ -19,7 +19,7 @@ from services.textgen import Chunk, Completion
 
 SERVER_NAME = "model-suite"
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ["binary_tensor_data", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_repository"]
 Tensors = dict[str, np.ndarray]
 
 
@@ -55,9 +55,10 @@ class TextStream:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, server_version: str = ""):
+    def __init__(self, repository: ModelRepository, server_version: str = "", control: Any = None):
         self.repository = repository
         self.server_version = server_version
+        self.control = control  # model control across workers (services.control.ModelControl); None: this process
         self._readiness: dict[str, Callable[[], str | None]] = {}
         self._handlers: dict[str, TaskHandler] = {family: kind() for family, kind in HANDLERS.items()}
 
@@ -68,8 +69,9 @@ class DataPlane:
         self._readiness[name] = check
 
     def not_ready_reason(self) -> str | None:
-        if not self.repository.all_ready():
-            return "models are loading"
+        not_ready = self.repository.not_ready()
+        if not_ready:
+            return "; ".join(f"{name}: {why}" for name, why in not_ready.items())
         for name, check in self._readiness.items():
             reason = check()
             if reason is not None:
@@ -83,6 +85,43 @@ class DataPlane:
         reason = self.not_ready_reason()
         if reason is not None:
             raise unavailable("server", f"not ready: {reason}", retry_after=1)
+
+    def admission_error(self, model: str) -> ServingError | None:
+        """Why a request for ``model`` (its serving version) would be refused now, or None; cheap,
+        so front-ends ask before reading a request's body."""
+        return self.repository.admission_error(model) if model else None
+
+    # ---- model control (the Open Inference Protocol's model repository extension) ----------------
+
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        """Every stored version of every served model, with its state; re-reads the store first."""
+        self.repository.refresh()
+        entries = self.repository.index()
+        return [e for e in entries if e["state"] == "READY"] if ready_only else entries
+
+    async def load_model(self, name: str, version: str | None = None) -> dict:
+        """Loads ``version`` (default: the newest in the store, then followed by periodic refresh)
+        in every worker and makes it the serving version; the version it replaces finishes its
+        running requests first. A load that fails leaves the previous version serving."""
+        return await self._control(name, WantedState(True, version or None))
+
+    async def unload_model(self, name: str) -> dict:
+        """Unloads every version of ``name`` in every worker once their running requests finish;
+        requests for it are refused (503) until it is loaded again."""
+        return await self._control(name, WantedState(False))
+
+    async def _control(self, name: str, wanted: WantedState) -> dict:
+        self.repository.versions(name)  # 404 for a model this server does not serve
+        self.repository.refresh([name])  # a version exported a moment ago
+        if wanted.version:
+            self.repository.stored(name, wanted.version)  # 404 for a version not in the store
+        if self.control is not None:
+            errors, workers = await self.control.change({name: wanted})
+        else:
+            errors, workers = await self.repository.apply({name: wanted}), 1
+        if name in errors:
+            raise bad_request("model", errors[name])
+        return {"name": name, "version": self.repository.serving_version(name), "workers": workers}
 
     # ---- metadata --------------------------------------------------------------------------------
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
 from contract import ONNX_FILE, ModelContract
 from services.batching import DynamicBatcher
 from services.config import ServingConfig, available_cores
-from services.errors import not_found, unavailable
+from services.errors import ServingError, not_found, unavailable
 from services.runtime import OnnxSession, read_contract
 from services.textengine import EngineLimits, TextEngine
 
@@ -87,29 +88,75 @@ class ModelHandle:
     async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self.runner.submit(feeds)
 
+    def admission_error(self) -> ServingError | None:
+        """Why a request for this version arriving now would be refused (503), or None."""
+        if self.engine is not None:
+            return self.engine.admission_error() or self.runner.admission_error()
+        return self.runner.admission_error()
+
+    def idle(self) -> bool:
+        return self.runner.idle() and (self.engine is None or self.engine.idle())
+
+    async def drain(self, timeout: float) -> None:
+        """Lets the requests already queued or running finish (up to ``timeout`` s), then closes."""
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while quiet < 2 and time.monotonic() < deadline:  # idle twice in a row: no request was just handed out
+            quiet = quiet + 1 if self.idle() else 0
+            await asyncio.sleep(0.05)
+        await self.close()
+
     async def close(self) -> None:
         await self.runner.close()
         if self.engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
 
+@dataclass(frozen=True)
+class WantedState:
+    """What model control asks of one model: loaded (a pinned version, or the newest in the store)
+    or unloaded."""
+
+    loaded: bool = True
+    version: str | None = None  # None: the newest stored version, followed by refresh_newest
+
+    def to_json(self) -> dict:
+        return {"state": "loaded" if self.loaded else "unloaded", "version": self.version}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "WantedState":
+        return cls(data.get("state", "loaded") == "loaded", data.get("version") or None)
+
+
 class ModelRepository:
+    """Per model: the versions in the store, the loaded handles, and the serving version (what a
+    request without a version gets). Model control changes the wanted state (``apply``); a version
+    that is replaced or unloaded stops taking requests at once and closes when its running ones
+    have finished. A model that fails to load is reported not ready with the reason, and the
+    server goes on serving the others (and the previous version of it, if there was one)."""
+
     def __init__(self, config: ServingConfig, store: ModelStore | None = None,
-                 observer_for: Callable[[str], Any] | None = None):
+                 observer_for: Callable[[str], Any] | None = None, drain_timeout: float = 120.0):
         self.config = config
         self.names = config.models
         self.store = store or BentoModelStore()
+        self.drain_timeout = drain_timeout
         self._observer_for = observer_for or (lambda name: None)
         self._versions: dict[str, list[StoredVersion]] = {name: [] for name in self.names}
         self._contracts: dict[tuple[str, str], ModelContract] = {}
         self._loaded: dict[tuple[str, str], ModelHandle] = {}
         self._loading: dict[tuple[str, str], asyncio.Lock] = {}
+        self._wanted: dict[str, WantedState] = {name: WantedState() for name in self.names}
+        self._serving: dict[str, str] = {}  # name -> version serving requests without a version
+        self._errors: dict[str, str] = {}  # name -> why its wanted version is not serving
+        self._draining: set[asyncio.Task] = set()
+        self._control: asyncio.Lock | None = None  # made on first use, inside the event loop
 
     # ---- what the store holds ------------------------------------------------------------------
 
-    def refresh(self) -> None:
+    def refresh(self, names: Iterable[str] | None = None) -> None:
         """Re-reads the store's version lists (new exports become known; nothing is loaded)."""
-        for name in self.names:
+        for name in names or self.names:
             self._versions[name] = self.store.list_versions(name)
 
     def _check_name(self, name: str) -> None:
@@ -122,11 +169,13 @@ class ModelRepository:
         return [v.version for v in self._versions[name]]
 
     def stored(self, name: str, version: str | None = None) -> StoredVersion:
+        """A stored version; without one, the serving version (else the newest in the store)."""
         self._check_name(name)
         versions = self._versions[name]
         if not versions:
             raise not_found("model", f"model {name!r} has no version in the store; export one with "
                                      f"`python -m export {name}`")
+        version = version or self._serving.get(name)
         if not version:
             return versions[0]
         for stored in versions:
@@ -135,7 +184,7 @@ class ModelRepository:
         raise not_found("version", f"model {name!r} has no version {version!r}; have {[v.version for v in versions]}")
 
     def contract(self, name: str, version: str | None = None) -> ModelContract:
-        """The contract of a version (newest by default), read from its artifact without a session."""
+        """The contract of a version (the serving one by default), read from its artifact without a session."""
         stored = self.stored(name, version)
         key = (stored.name, stored.version)
         loaded = self._loaded.get(key)
@@ -150,16 +199,37 @@ class ModelRepository:
     def loaded(self) -> list[ModelHandle]:
         return list(self._loaded.values())
 
+    def serving_version(self, name: str) -> str | None:
+        self._check_name(name)
+        return self._serving.get(name)
+
     def is_ready(self, name: str, version: str | None = None) -> bool:
+        if not version and name not in self._serving:
+            self._check_name(name)
+            return False
         stored = self.stored(name, version)
         return (stored.name, stored.version) in self._loaded
 
+    def not_ready(self) -> dict[str, str]:
+        """Models wanted loaded that are not serving, with the reason (strict readiness: an
+        unloaded model does not count)."""
+        return {name: self._errors.get(name, "loading") for name in self.names
+                if self._wanted[name].loaded and name not in self._serving}
+
     def all_ready(self) -> bool:
-        """Every served model has its newest version loaded."""
-        return all(self._versions[n] and (n, self._versions[n][0].version) in self._loaded for n in self.names)
+        return not self.not_ready()
+
+    def wanted(self) -> dict[str, WantedState]:
+        return dict(self._wanted)
 
     def load(self, name: str, version: str | None = None) -> ModelHandle:
         """Opens, warms up and registers a version (newest by default); blocking."""
+        if not version:
+            self._check_name(name)
+            if not self._versions[name]:
+                raise not_found("model", f"model {name!r} has no version in the store; export one with "
+                                         f"`python -m export {name}`")
+            version = self._versions[name][0].version
         stored = self.stored(name, version)
         key = (stored.name, stored.version)
         if key in self._loaded:
@@ -174,18 +244,37 @@ class ModelRepository:
         log.info("loaded %s (batches of up to %d rows)", stored.tag, handle.runner.max_batch_size)
         return handle
 
-    def load_newest(self) -> list[ModelHandle]:
-        """Startup: the newest version of every served model. A model missing from the store is an
-        error naming it."""
+    def start(self, wanted: Mapping[str, WantedState] | None = None) -> list[ModelHandle]:
+        """Start-up (blocking): the wanted state (by default every model's newest version). A model
+        that cannot be loaded is logged and reported not ready; the others serve."""
         self.refresh()
-        missing = [n for n in self.names if not self._versions[n]]
-        if missing:
-            raise RuntimeError(f"models not in the store ({self.store.__class__.__name__}): {missing}; "
-                               f"build them with `make models` or `python -m export {missing[0]}`")
-        return [self.load(name) for name in self.names]
+        self._wanted.update({n: w for n, w in (wanted or {}).items() if n in self._wanted})
+        for name in self.names:
+            wanted_state = self._wanted[name]
+            if not wanted_state.loaded:
+                continue
+            try:
+                self._serving[name] = self.load(name, wanted_state.version).version
+                self._errors.pop(name, None)
+            except Exception as exc:  # noqa: BLE001 - one bad artifact must not stop the others
+                self._errors[name] = load_failure(name, wanted_state.version, exc)
+                log.error("%s", self._errors[name])
+        return [self._loaded[(n, v)] for n, v in self._serving.items()]
+
+    def load_newest(self) -> list[ModelHandle]:
+        return self.start()
 
     async def handle(self, name: str, version: str | None = None) -> ModelHandle:
-        """A ready handle; a version not loaded yet (an older one) is loaded off the event loop."""
+        """A ready handle: the serving version by default; an explicit version not loaded yet (an
+        older one) is loaded off the event loop."""
+        if not version:
+            serving = self._serving.get(name)
+            if serving is None:
+                self._check_name(name)
+                raise self._unavailable(name)
+            return self._loaded[(name, serving)]
+        if not self._wanted.get(name, WantedState()).loaded:
+            raise self._unavailable(name)
         stored = self.stored(name, version)
         key = (stored.name, stored.version)
         handle = self._loaded.get(key)
@@ -201,30 +290,141 @@ class ModelRepository:
                     raise unavailable("version", f"{stored.tag} could not be loaded: {type(exc).__name__}") from exc
         return self._loaded[key]
 
+    def admission_error(self, name: str) -> ServingError | None:
+        """Why a request for ``name``'s serving version would be refused now (cheap: asked before a
+        request's body is read); None when it would be admitted or the name is not a served model."""
+        serving = self._serving.get(name)
+        if serving is None:
+            return self._unavailable(name) if name in self._wanted else None
+        return self._loaded[(name, serving)].admission_error()
+
+    def _unavailable(self, name: str) -> ServingError:
+        if not self._wanted[name].loaded:
+            return unavailable("model", f"model {name!r} is unloaded; load it with POST /v2/repository/models/"
+                                        f"{name}/load")
+        return unavailable("model", f"model {name!r} is not ready: {self._errors.get(name, 'loading')}", retry_after=5)
+
+    # ---- model control -------------------------------------------------------------------------
+
+    async def apply(self, wanted: Mapping[str, WantedState]) -> dict[str, str]:
+        """Makes the loaded state what ``wanted`` says (models not named keep theirs); -> the errors
+        by model name. A newly wanted version is loaded and warmed up off the event loop before it
+        takes requests; the one it replaces drains in the background."""
+        if self._control is None:
+            self._control = asyncio.Lock()
+        errors = {}
+        async with self._control:
+            for name, state in wanted.items():
+                self._check_name(name)
+                self._wanted[name] = state
+                if not state.loaded:
+                    self._serving.pop(name, None)
+                    self._errors.pop(name, None)
+                    self._retire(name, keep=None)
+                    continue
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self.refresh, [name])
+                    handle = await self._load_async(name, state.version)
+                except Exception as exc:  # noqa: BLE001 - reported to the caller and by readiness
+                    errors[name] = self._errors[name] = load_failure(name, state.version, exc)
+                    log.error("%s", errors[name])
+                    continue  # the version serving so far (if any) goes on serving
+                self._serving[name] = handle.version
+                self._errors.pop(name, None)
+                self._retire(name, keep=handle.version)
+        return errors
+
+    async def refresh_newest(self) -> dict[str, str]:
+        """Periodic refresh: every model that follows the newest stored version switches to a newer
+        one found in the store."""
+        await asyncio.get_running_loop().run_in_executor(None, self.refresh, None)
+        stale = {name: state for name, state in self._wanted.items()
+                 if state.loaded and state.version is None and self._versions[name]
+                 and self._serving.get(name) != self._versions[name][0].version and name not in self._errors}
+        return await self.apply(stale) if stale else {}
+
+    def index(self) -> list[dict]:
+        """Every stored version of every served model with its state (READY, UNAVAILABLE) and why
+        (the Open Inference Protocol repository index)."""
+        entries = []
+        for name in self.names:
+            wanted = self._wanted[name]
+            for stored in self._versions[name]:
+                key = (name, stored.version)
+                if key in self._loaded:
+                    state, reason = "READY", ("serving" if self._serving.get(name) == stored.version
+                                              else "loaded (asked for by version)")
+                elif not wanted.loaded:
+                    state, reason = "UNAVAILABLE", "unloaded"
+                elif name in self._errors and (wanted.version or self._versions[name][0].version) == stored.version:
+                    state, reason = "UNAVAILABLE", self._errors[name]
+                else:
+                    state, reason = "UNAVAILABLE", "not loaded (loads when asked for by version)"
+                entries.append({"name": name, "version": stored.version, "state": state, "reason": reason})
+            if not self._versions[name]:
+                entries.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": "not in the store"})
+        return entries
+
+    async def _load_async(self, name: str, version: str | None) -> ModelHandle:
+        target = self.stored(name, version) if version else None
+        if target is None:
+            if not self._versions[name]:
+                raise LookupError("no version in the store")
+            target = self._versions[name][0]
+        key = (name, target.version)
+        lock = self._loading.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key not in self._loaded:
+                await asyncio.get_running_loop().run_in_executor(None, self.load, name, target.version)
+        return self._loaded[key]
+
+    def _retire(self, name: str, keep: str | None) -> None:
+        """Every loaded version of ``name`` but ``keep`` stops taking requests now and closes once
+        the ones it already has are done."""
+        for key in [k for k in self._loaded if k[0] == name and k[1] != keep]:
+            handle = self._loaded.pop(key)
+            log.info("retiring %s once its running requests finish", handle.tag)
+            task = asyncio.get_running_loop().create_task(handle.drain(self.drain_timeout))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
     async def unload(self, name: str, version: str) -> None:
         handle = self._loaded.pop((name, version), None)
         if handle is not None:
+            if self._serving.get(name) == version:
+                del self._serving[name]
             await handle.close()
 
     async def close(self) -> None:
         for key in list(self._loaded):
             await self.unload(*key)
+        for task in list(self._draining):
+            task.cancel()
 
     def _engine(self, stored: StoredVersion, session: OnnxSession) -> TextEngine | None:
         if session.contract.task != "text-generation":
             return None
         config = self.config
-        limits = EngineLimits(config.text_max_live, config.text_max_waiting, config.text_prefill_tokens,
+        own = config.limits(stored.name)
+        limits = EngineLimits(own.text_max_live, own.text_max_waiting, config.text_prefill_tokens,
                               config.text_stream_interval_ms / 1000)
         return TextEngine(stored.tag, session.run, session.contract, stored.folder, limits,
                           self._observer_for(stored.name))
 
     def _runner(self, stored: StoredVersion, session: OnnxSession) -> DynamicBatcher:
-        config, contract = self.config, session.contract
+        config, contract, own = self.config, session.contract, self.config.limits(stored.name)
         if config.batching and batch_major(contract):
-            rows, concurrency = min(contract.max_batch or config.max_batch_size, config.max_batch_size), config.batch_concurrency
+            rows, concurrency = min(contract.max_batch or own.max_batch_size, own.max_batch_size), config.batch_concurrency
         else:  # one request per run, several side by side
             rows, concurrency = 1, max(2, available_cores())
         return DynamicBatcher(stored.tag, session.run, max_batch_size=rows,
-                              max_queue_delay_s=config.max_queue_delay_ms / 1000, max_queue=config.max_queue,
-                              concurrency=concurrency, observer=self._observer_for(stored.name))
+                              max_queue_delay_s=config.max_queue_delay_ms / 1000, max_queue=own.max_queue,
+                              max_queue_wait_s=own.max_queue_wait_ms / 1000, concurrency=concurrency,
+                              observer=self._observer_for(stored.name))
+
+
+def load_failure(name: str, version: str | None, exc: BaseException) -> str:
+    """One line naming the model, the version and what went wrong (no stack trace)."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    what = f"{name}:{version}" if version else f"{name} (newest)"
+    return f"model {what} could not be loaded: {type(exc).__name__}: {detail[:300]}"

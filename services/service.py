@@ -19,14 +19,16 @@ import bentoml
 
 from services.bentoml_fixes import cancel_request_timers
 from services.config import ServingConfig
+from services.control import ControlFile, ModelControl
 from services.dataplane import DataPlane
 from services.frontends.asgi import HttpFrontend
 from services.frontends.native import add_native_routes
 from services.frontends.oip_grpc import GrpcFrontend
-from services.frontends.openai import add_openai_routes
 from services.frontends.oip_rest import add_oip_rest_routes
+from services.frontends.openai import add_openai_routes
 from services.frontends.openapi import add_openapi_route
-from services.metrics import ServingMetrics
+from services.frontends.probes import ProbeServer, ProbeState
+from services.metrics import ServingMetrics, exposition
 from services.repository import ModelRepository
 
 log = logging.getLogger("services")
@@ -74,20 +76,33 @@ class Suite:
             os.environ["UV_TCP_SINGLE_ACCEPT"] = "1"
         self.metrics = ServingMetrics(CONFIG.models)
         self.repository = ModelRepository(CONFIG, observer_for=self.metrics.observer)
-        self.repository.load_newest()
-        self.plane = DataPlane(self.repository, server_version=bentoml.__version__)
+        # The wanted state shared by this server's workers: a worker replacing a killed one starts in
+        # the state model control left the others in. A model that fails to load is logged, named
+        # by /readyz and refused with 503; the others serve.
+        self.control = ModelControl(self.repository, ControlFile.for_server(CONFIG.http_port), CONFIG.worker_count,
+                                    refresh_s=CONFIG.repository_poll_s)
+        self.control.start()
+        self.plane = DataPlane(self.repository, server_version=bentoml.__version__, control=self.control)
         http_app.bind(self.plane, self.metrics, CONFIG.keepalive_requests, CONFIG.keepalive_streams, CONFIG.api_key)
         self.grpc = (GrpcFrontend(self.plane, CONFIG.grpc_port, CONFIG.grpc_host, self.metrics, CONFIG.api_key)
                      if CONFIG.grpc_port else None)
+        self.probes = (ProbeServer(ProbeState(self.plane.not_ready_reason), CONFIG.probe_port, CONFIG.grpc_host,
+                                   exposition) if CONFIG.probe_port else None)
+        self._control_task = None
         # What start-up allocated lives as long as the worker: keep it out of the collector's full
         # passes, which otherwise stall every request in flight (the tail latency under load).
         gc.collect()
         gc.freeze()
 
     @bentoml.on_startup
-    async def start_grpc(self) -> None:
+    async def start_listeners(self) -> None:
+        import asyncio
+
         if self.grpc is not None:
             await self.grpc.start()
+        if self.probes is not None:
+            self.probes.start()
+        self._control_task = asyncio.get_running_loop().create_task(self.control.run())
 
     async def __is_ready__(self) -> bool:
         """BentoML's /readyz: every model loaded and the gRPC port bound in this worker."""
@@ -95,6 +110,12 @@ class Suite:
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
+        if self.probes is not None:
+            self.probes.state.stopping = True
+        if self._control_task is not None:
+            self._control_task.cancel()
         if self.grpc is not None:
             await self.grpc.stop()
         await self.repository.close()
+        if self.probes is not None:
+            self.probes.stop()

@@ -221,6 +221,18 @@ class TextEngine:
             self._wake.notify()
         return sequences
 
+    def admission_error(self) -> ServingError | None:
+        """Why a request arriving now would be refused (503), or None; asked before reading its body."""
+        if self._closed:
+            return unavailable("model", f"{self.name} is shutting down", retry_after=1)
+        if len(self._waiting) >= self.limits.max_waiting:
+            return unavailable("model", f"{self.name} is busy: {len(self._live)} sequences decoding and "
+                                        f"{len(self._waiting)} waiting (limit {self.limits.max_waiting})", retry_after=1)
+        return None
+
+    def idle(self) -> bool:
+        return not self._waiting and not self._live
+
     @property
     def live(self) -> int:
         return len(self._live)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from contract import CONTRACT_KEY, ONNX_FILE, ImageSpec, ModelContract, TensorSpec
+from services.batching import DynamicBatcher
 from services.config import ServingConfig
 from services.errors import ServingError
 from services.frontends.multipart import parse_multipart
@@ -360,3 +363,79 @@ def test_request_body_is_bounded_before_and_while_reading():
     raises(413, "body", chunked.body)
     bad, _ = request({"content-length": "ten"}, [b""])
     raises(400, "content-length", bad.body)
+
+
+def test_reload_lets_running_requests_finish_on_the_old_version(tmp_path):
+    from services.repository import WantedState
+
+    for version, scale in (("v1", 1.0), ("v2", 2.0)):
+        tiny_classifier(tmp_path / "classify" / version, scale)
+    repository = ModelRepository(ServingConfig(models=("classify",)), FolderStore(tmp_path), drain_timeout=10)
+    repository.start({"classify": WantedState(True, "v1")})
+    old = repository._loaded[("classify", "v1")]
+    real_run = old.runner._run
+
+    def slow_run(feeds):
+        time.sleep(0.5)
+        return real_run(feeds)
+
+    old.runner._run = slow_run
+    x = np.ones((1, 1, 4, 4), np.float32)
+
+    async def scenario():
+        running = asyncio.ensure_future((await repository.handle("classify")).infer({"image": x}))
+        await asyncio.sleep(0.1)  # in its session run on v1
+        errors = await repository.apply({"classify": WantedState()})  # the newest: v2
+        new = await repository.handle("classify")
+        fresh = await new.infer({"image": x})
+        finished = await running  # not refused: v1 drains before it closes
+        await asyncio.sleep(0.3)
+        closed = old.runner._closed
+        await repository.apply({"classify": WantedState(False)})
+        with pytest.raises(ServingError) as unloaded:
+            await repository.handle("classify")
+        broken = await repository.apply({"classify": WantedState(True, "v9")})
+        await repository.close()
+        return errors, new.tag, fresh, finished, closed, unloaded.value, broken
+
+    errors, tag, fresh, finished, closed, unloaded, broken = asyncio.run(scenario())
+    assert errors == {} and tag == "classify:v2" and closed
+    assert finished["probabilities"].shape == fresh["probabilities"].shape == (1, 2)
+    assert not np.allclose(finished["probabilities"], fresh["probabilities"])  # each ran its own version
+    assert unloaded.status == 503 and "unloaded" in unloaded.message
+    assert "classify:v9" in broken["classify"]
+
+
+def test_admission_refuses_on_queue_length_and_expected_wait():
+    async def scenario():
+        gate = threading.Event()
+
+        def run(feeds):
+            gate.wait(5)
+            return {"y": feeds["x"]}
+
+        batcher = DynamicBatcher("m", run, max_batch_size=1, max_queue=2, max_queue_wait_s=0.2, concurrency=1)
+        x = {"x": np.zeros((1, 2), np.float32)}
+        first = asyncio.ensure_future(batcher.submit(x))  # runs, and blocks on the gate
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.submit(x))]
+        await asyncio.sleep(0.05)
+        admitted = batcher.admission_error()
+        await asyncio.sleep(0.3)  # the waiting request is now past the 0.2 s budget
+        by_wait = batcher.admission_error()
+        batcher.max_queue_wait_s = 0  # no time budget: only the length counts
+        queued.append(asyncio.ensure_future(batcher.submit(x)))
+        await asyncio.sleep(0.05)
+        by_length = batcher.admission_error()
+        gate.set()
+        await asyncio.gather(first, *queued)
+        await asyncio.sleep(0.05)
+        idle_after = batcher.idle()
+        await batcher.close()
+        assert admitted is None
+        return by_length, by_wait, idle_after
+
+    by_length, by_wait, idle_after = asyncio.run(scenario())
+    assert by_length.status == 503 and "2 requests waiting" in by_length.message and by_length.retry_after
+    assert by_wait.status == 503 and "budget" in by_wait.message
+    assert idle_after

@@ -182,9 +182,11 @@ class Endpoint:
     names the model for metrics (a path parameter name prefixed with ':' or a fixed name)."""
 
     def __init__(self, frontend: "HttpFrontend", handler: Handler, methods: tuple[str, ...], protocol: str,
-                 model: str | None, errors: Callable[[ServingError], Any] | None = None, public: bool = False):
+                 model: str | None, errors: Callable[[ServingError], Any] | None = None, public: bool = False,
+                 admits: bool = False):
         self.frontend = frontend
         self.public = public  # answered without the API key (health, metrics)
+        self.admits = admits  # runs the model: refused at once, body unread, while the model cannot take more
         self.handler = handler
         self.methods = methods
         self.protocol = protocol
@@ -204,6 +206,10 @@ class Endpoint:
                                                              f"{' or '.join(self.methods)}", 405), self.errors)
                 response.headers.append((b"allow", ", ".join(self.methods).encode()))
             else:
+                if self.admits:
+                    refusal = self.frontend.plane.admission_error(self._model_label(scope))
+                    if refusal is not None:
+                        raise refusal
                 response = await self.handler(request)
         except ServingError as exc:
             response = error_response(exc, self.errors)
@@ -273,8 +279,9 @@ class HttpFrontend(Starlette):
 
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
               model: str | None = None, errors: Callable[[ServingError], Any] | None = None,
-              public: bool = False) -> None:
-        endpoint = Endpoint(self, handler, methods, protocol, model, errors, public)
+              public: bool = False, admits: bool = False) -> None:
+        """``admits``: the route runs ``model``, so admission control may refuse it before its body is read."""
+        endpoint = Endpoint(self, handler, methods, protocol, model, errors, public, admits)
         if "{" in path:
             self.router.routes.append(Route(path, endpoint))
         else:

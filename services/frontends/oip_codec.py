@@ -33,10 +33,11 @@ def element_count(name: str, shape: Any) -> tuple[tuple[int, ...], int]:
     if not isinstance(shape, (list, tuple)) or not all(
             isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise bad_request(name, f"shape must be a list of non-negative integers, got {shape!r}")
-    count = 1
+    count, nonzero = 1, 1
     for d in shape:
         count *= int(d)
-        if count > MAX_ELEMENTS:
+        nonzero *= max(1, int(d))  # (0, 2**62) holds nothing, yet numpy cannot even describe it
+        if nonzero > MAX_ELEMENTS:
             raise bad_request(name, f"shape {list(shape)} claims more than {MAX_ELEMENTS} elements")
     return tuple(int(d) for d in shape), count
 

@@ -7,9 +7,11 @@ The protocol is not restated here: messages and the servicer base are the genera
 connections over them.
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (typed
-``contents`` and ``raw_input_contents`` in; ``raw_output_contents`` out) and ModelStreamInfer
+``contents`` and ``raw_input_contents`` in; ``raw_output_contents`` out), ModelStreamInfer
 (decoupled: text arrives chunk by chunk, as ``tritonclient.grpc``'s ``start_stream`` /
-``async_stream_infer`` expect). The rest answers UNIMPLEMENTED (the generated servicer's default)."""
+``async_stream_infer`` expect) and the model repository extension (RepositoryIndex,
+RepositoryModelLoad with an optional ``version`` parameter, RepositoryModelUnload). The rest answers
+UNIMPLEMENTED (the generated servicer's default)."""
 
 from __future__ import annotations
 
@@ -112,9 +114,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                                         inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))
 
+    async def RepositoryIndex(self, request, context):
+        entries = self.plane.repository_index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
+
+    async def RepositoryModelLoad(self, request, context):
+        try:
+            unknown = [k for k in request.parameters if k != "version"]
+            if unknown:
+                raise bad_request(unknown[0], "the only load parameter is version (a stored version to pin)")
+            version = request.parameters["version"].string_param if "version" in request.parameters else None
+            await self.plane.load_model(request.model_name, version)
+        except ServingError as exc:
+            await self._fail(context, exc)
+            return
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            await self.plane.unload_model(request.model_name)
+        except ServingError as exc:
+            await self._fail(context, exc)
+            return
+        return pb.RepositoryModelUnloadResponse()
+
     async def ModelInfer(self, request, context):
         status = 200
         try:
+            refusal = self.plane.admission_error(request.model_name)  # before decoding the tensors
+            if refusal is not None:
+                raise refusal
             feeds = decode_inputs(request)
             params = {k: parameter_value(v) for k, v in request.parameters.items()}
             requested = [o.name for o in request.outputs] or None

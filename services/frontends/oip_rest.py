@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from services.errors import bad_request, unavailable
+from services.errors import bad_request, unavailable, unsupported_media
 from services.frontends.asgi import HttpFrontend, Request, Response, json_response
 from services.frontends.oip_codec import oip_datatype, tensor_from_list, tensor_from_raw, tensor_to_list, tensor_to_raw
 
@@ -128,8 +128,31 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
     async def model_ready(request: Request) -> Response:
         name = request.path_params["model"]
         if not app.plane.model_ready(name, version(request)):
-            raise unavailable("model", f"model {name!r} is not loaded yet; it loads on its first request")
+            if version(request):
+                raise unavailable("model", f"model {name!r} version {version(request)!r} is not loaded; it loads "
+                                           f"on its first request")
+            raise app.plane.repository.admission_error(name) or unavailable("model", f"model {name!r} is not ready")
         return json_response({"name": name, "ready": True})
+
+    async def repository_index(request: Request) -> Response:
+        body = await control_body(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise bad_request("ready", f"must be true or false, got {ready!r}")
+        return json_response(app.plane.repository_index(ready_only=ready))
+
+    async def load(request: Request) -> Response:
+        parameters = (await control_body(request)).get("parameters") or {}
+        if not isinstance(parameters, dict) or any(k != "version" for k in parameters):
+            raise bad_request("parameters", "the only load parameter is version (a stored version to pin)")
+        pinned = parameters.get("version")
+        if pinned is not None and not isinstance(pinned, str):
+            raise bad_request("version", f"must be a string, got {pinned!r}")
+        return json_response(await app.plane.load_model(request.path_params["model"], pinned))
+
+    async def unload(request: Request) -> Response:
+        await control_body(request)
+        return json_response(await app.plane.unload_model(request.path_params["model"]))
 
     async def infer(request: Request) -> Response:
         body = await request.body()
@@ -146,7 +169,20 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
     app.route("/v2/", server_metadata, get, "oip_rest")
     app.route("/v2/health/live", live, get, "oip_rest", public=True)
     app.route("/v2/health/ready", ready, get, "oip_rest", public=True)
+    app.route("/v2/repository/index", repository_index, ("POST",), "oip_rest")
+    app.route("/v2/repository/models/{model}/load", load, ("POST",), "oip_rest", ":model")
+    app.route("/v2/repository/models/{model}/unload", unload, ("POST",), "oip_rest", ":model")
     for prefix in (model, versioned):
         app.route(prefix, model_metadata, get, "oip_rest", ":model")
         app.route(prefix + "/ready", model_ready, get, "oip_rest", ":model")
-        app.route(prefix + "/infer", infer, ("POST",), "oip_rest", ":model")
+        app.route(prefix + "/infer", infer, ("POST",), "oip_rest", ":model", admits=True)
+
+
+async def control_body(request: Request) -> dict:
+    """A repository request's optional JSON object body."""
+    if request.media_type not in ("", "application/json"):
+        raise unsupported_media("content-type", f"send application/json, got {request.media_type}")
+    body = await request.json()
+    if not isinstance(body, dict):
+        raise bad_request("body", "must be a JSON object")
+    return body

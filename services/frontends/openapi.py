@@ -72,7 +72,7 @@ def openapi_document(plane: Any) -> dict:
             "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": generate.limits["max_new_tokens"], "default": 64},
             "temperature": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
             "top_k": {"type": "integer", "minimum": 0, "default": 0},
-            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
+            "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "default": 1.0},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
             "stop": {"type": "array", "maxItems": 8, "items": {"type": "string", "minLength": 1, "maxLength": 100}},
             **PENALTIES, "model": {"type": "string"}}}
@@ -102,7 +102,7 @@ def openapi_document(plane: Any) -> dict:
 
 
 PENALTIES = {
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1.0},
+    "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10, "default": 1.0},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
     "ignore_eos": {"type": "boolean", "default": False}}
@@ -124,7 +124,7 @@ def _openai_paths(generate) -> dict:
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": generate.limits["max_new_tokens"],
                        "default": DEFAULT_MAX_TOKENS},
         "temperature": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
+        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "default": 1.0},
         "top_k": {"type": "integer", "minimum": 0, "default": 0},
         "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "default": 1},
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 8, "items": {"type": "string"}}]},
@@ -172,6 +172,21 @@ def _oip_paths() -> dict:
             "summary": "OIP inference (JSON tensors, or the binary tensor extension with Inference-Header-Content-Length)",
             "parameters": params, "requestBody": {"required": True, "content": {"application/json": {"schema": infer_body}}},
             "responses": {**ok, **_errors(400, 404, 413, 503)}}}
+    control = {"type": "object", "properties": {"parameters": {"type": "object", "properties": {
+        "version": {"type": "string", "description": "a stored version to pin (default: the newest, followed by "
+                                                     "the periodic refresh)"}}}}}
+    paths["/v2/repository/index"] = {"post": {
+        "summary": "OIP model repository: every stored version and its state (READY / UNAVAILABLE, and why)",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"ready": {"type": "boolean"}}}}}}, "responses": ok}}
+    paths["/v2/repository/models/{model}/load"] = {"post": {
+        "summary": "Load a version in every worker and serve it; the version it replaces finishes its running "
+                   "requests first", "parameters": [model],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": control}}},
+        "responses": {**ok, **_errors(400, 404, 415)}}}
+    paths["/v2/repository/models/{model}/unload"] = {"post": {
+        "summary": "Unload every version in every worker once its running requests finish", "parameters": [model],
+        "responses": {**ok, **_errors(404, 415)}}}
     return paths
 
 

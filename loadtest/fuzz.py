@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 EXCLUDED_PATHS = "^/v2/repository/"
 
 
@@ -164,7 +162,9 @@ def grpc_fuzz(port: int, requests: int, seed: int, models: list[str], report: Fu
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loadtest.servers import start_suite
+    import requests as http
+
+    from loadtest.servers import suite_to_drive
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=5000, help="schemathesis examples per operation")
@@ -174,23 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="suite-fuzz-"))
-    server = None
-    if args.url:
-        url, grpc_port = args.url.rstrip("/"), args.grpc_port
-    else:
-        server = start_suite({}, workdir / "serve.log")
-        url, grpc_port = server.url, server.grpc_port
-    try:
-        report = schemathesis_run(url, args.examples, args.seed, workdir)
-        if grpc_port:
-            grpc_fuzz(grpc_port, args.grpc_requests, args.seed,
+    with suite_to_drive(args.url, workdir / "serve.log", grpc_port=args.grpc_port) as suite:
+        report = schemathesis_run(suite.url, args.examples, args.seed, workdir)
+        if suite.grpc_port:
+            grpc_fuzz(suite.grpc_port, args.grpc_requests, args.seed,
                       ["classify", "segment", "denoise", "sample", "generate"], report)
-        import requests as http
-
-        alive = http.get(f"{url}/readyz", timeout=10).status_code
-    finally:
-        if server is not None:
-            server.stop()
+        alive = http.get(f"{suite.url}/readyz", timeout=10).status_code
     print(report.table())
     total = sum(sum(c.values()) for c in report.requests.values())
     print(f"\n{total} requests in {report.seconds:.0f} s; server errors: {len(report.server_errors)}; "
@@ -201,5 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     sys.exit(main())

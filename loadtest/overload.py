@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loadtest.bench_serving import parse_wrk
 from loadtest.payloads import digit_png
-from loadtest.servers import start_suite
+from loadtest.servers import suite_to_drive
 
 COUNTING_LUA = """
 wrk.method = "POST"
@@ -123,14 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         parser.error("needs wrk (Debian: apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="suite-overload-"))
-    server = None
-    if args.url:
-        url, probe_port = args.url.rstrip("/"), args.probe_port
-    else:
-        server = start_suite({}, workdir / "serve.log")
-        url, probe_port = server.url, server.probe_port
-    host, port = url.removeprefix("http://").split(":")
-    try:
+    with suite_to_drive(args.url, workdir / "serve.log", probe_port=args.probe_port) as suite:
+        url, probe_port = suite.url, suite.probe_port
+        host, port = url.removeprefix("http://").split(":")
         wrk_classify(url, 16, 3, workdir)  # warm-up
         sweep = [wrk_classify(url, c, 10, workdir) for c in (4, 8, 16, 32)]
         peak = max(r["goodput"] for r in sweep)
@@ -144,9 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         overload = wrk_classify(url, overload_connections, args.seconds, workdir)
         for s in samplers.values():
             s.stop()
-    finally:
-        if server is not None:
-            server.stop()
     print("saturation sweep (wrk -t1, 10 s each): " + ", ".join(
         f"c={r['connections']} {r['goodput']:.0f}/s (p99 {r['p99_ms']:.0f} ms)" for r in sweep))
     print(f"peak goodput {peak:.0f}/s; saturating concurrency {saturating} connections")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -83,6 +84,28 @@ def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: 
                           timeout=timeout, ready_path=ready_path)
     server.probe_port = probe_port
     return server
+
+
+@dataclass
+class RunningSuite:
+    """A suite someone else started, given by its addresses."""
+
+    url: str
+    grpc_port: int | None = None
+    probe_port: int | None = None
+
+
+@contextlib.contextmanager
+def suite_to_drive(url: str | None, log_path: Path, grpc_port: int | None = None, probe_port: int | None = None):
+    """The running suite at ``url`` (left running), or one started on free ports and stopped after."""
+    if url:
+        yield RunningSuite(url.rstrip("/"), grpc_port, probe_port)
+        return
+    server = start_suite({}, log_path)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def worker_pids(server: Server) -> list[int]:

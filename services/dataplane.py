@@ -112,9 +112,9 @@ class DataPlane:
 
     async def _control(self, name: str, wanted: WantedState) -> dict:
         self.repository.versions(name)  # 404 for a model this server does not serve
-        self.repository.refresh([name])  # a version exported a moment ago
-        if wanted.version:
-            self.repository.stored(name, wanted.version)  # 404 for a version not in the store
+        if wanted.version:  # 404 for a version not in the store (apply re-reads it in every worker anyway)
+            self.repository.refresh([name])
+            self.repository.stored(name, wanted.version)
         if self.control is not None:
             errors, workers = await self.control.change({name: wanted})
         else:

@@ -222,15 +222,16 @@ class ModelRepository:
     def wanted(self) -> dict[str, WantedState]:
         return dict(self._wanted)
 
+    def _target(self, name: str, version: str | None) -> StoredVersion:
+        """``version``, or the newest in the store (not the serving one: what a load means)."""
+        self._check_name(name)
+        if not version and self._versions[name]:
+            return self._versions[name][0]
+        return self.stored(name, version)
+
     def load(self, name: str, version: str | None = None) -> ModelHandle:
         """Opens, warms up and registers a version (newest by default); blocking."""
-        if not version:
-            self._check_name(name)
-            if not self._versions[name]:
-                raise not_found("model", f"model {name!r} has no version in the store; export one with "
-                                         f"`python -m export {name}`")
-            version = self._versions[name][0].version
-        stored = self.stored(name, version)
+        stored = self._target(name, version)
         key = (stored.name, stored.version)
         if key in self._loaded:
             return self._loaded[key]
@@ -261,9 +262,6 @@ class ModelRepository:
                 log.error("%s", self._errors[name])
         return [self._loaded[(n, v)] for n, v in self._serving.items()]
 
-    def load_newest(self) -> list[ModelHandle]:
-        return self.start()
-
     async def handle(self, name: str, version: str | None = None) -> ModelHandle:
         """A ready handle: the serving version by default; an explicit version not loaded yet (an
         older one) is loaded off the event loop."""
@@ -276,19 +274,14 @@ class ModelRepository:
         if not self._wanted.get(name, WantedState()).loaded:
             raise self._unavailable(name)
         stored = self.stored(name, version)
-        key = (stored.name, stored.version)
-        handle = self._loaded.get(key)
+        handle = self._loaded.get((stored.name, stored.version))
         if handle is not None:
             return handle
-        lock = self._loading.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key not in self._loaded:
-                try:
-                    await asyncio.get_running_loop().run_in_executor(None, self.load, name, stored.version)
-                except Exception as exc:
-                    log.exception("loading %s failed", stored.tag)
-                    raise unavailable("version", f"{stored.tag} could not be loaded: {type(exc).__name__}") from exc
-        return self._loaded[key]
+        try:
+            return await self._load_async(name, stored.version)
+        except Exception as exc:
+            log.exception("loading %s failed", stored.tag)
+            raise unavailable("version", f"{stored.tag} could not be loaded: {type(exc).__name__}") from exc
 
     def admission_error(self, name: str) -> ServingError | None:
         """Why a request for ``name``'s serving version would be refused now (cheap: asked before a
@@ -366,11 +359,8 @@ class ModelRepository:
         return entries
 
     async def _load_async(self, name: str, version: str | None) -> ModelHandle:
-        target = self.stored(name, version) if version else None
-        if target is None:
-            if not self._versions[name]:
-                raise LookupError("no version in the store")
-            target = self._versions[name][0]
+        """``load`` off the event loop, once per version however many ask at the same time."""
+        target = self._target(name, version)
         key = (name, target.version)
         lock = self._loading.setdefault(key, asyncio.Lock())
         async with lock:

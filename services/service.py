@@ -11,6 +11,7 @@ gRPC on the shared gRPC port. BentoML keeps what it is good at: process manageme
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -96,8 +97,6 @@ class Suite:
 
     @bentoml.on_startup
     async def start_listeners(self) -> None:
-        import asyncio
-
         if self.grpc is not None:
             await self.grpc.start()
         if self.probes is not None:

@@ -315,7 +315,7 @@ def test_repository_versions_handles_and_readiness(tmp_path):
     config = ServingConfig(models=("classify",), max_batch_size=16)
     repository = ModelRepository(config, FolderStore(tmp_path))
     assert not repository.all_ready()
-    (newest,) = repository.load_newest()
+    (newest,) = repository.start()
     assert newest.tag == "classify:v2" and repository.versions("classify") == ["v2", "v1"]
     assert repository.all_ready() and repository.is_ready("classify") and not repository.is_ready("classify", "v1")
     assert batch_major(newest.contract) and newest.runner.max_batch_size == 8  # the contract's max_batch caps it

@@ -131,7 +131,7 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
             if version(request):
                 raise unavailable("model", f"model {name!r} version {version(request)!r} is not loaded; it loads "
                                            f"on its first request")
-            raise app.plane.repository.admission_error(name) or unavailable("model", f"model {name!r} is not ready")
+            raise app.plane.admission_error(name) or unavailable("model", f"model {name!r} is not ready")
         return json_response({"name": name, "ready": True})
 
     async def repository_index(request: Request) -> Response:

@@ -9,7 +9,7 @@ PROFILE ?= standard
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve models test build loadtest bench bench-text fuzz overload soak clean
+.PHONY: serve models test build image image-loadtest loadtest bench bench-text fuzz overload soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,21 @@ test: $(BIN)/.installed
 build: models
 	$(BIN)/bentoml build
 
-# A bounded headless load test against a running `make serve` (20 users, 30 s).
+# The container image (podman, no Docker engine or registry needed; deploy/image/build.sh): the
+# bento with its models, on a base made here from Debian's packages. A machine with a registry:
+# make image BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+image: models
+	BENTOML=$(BIN)/bentoml deploy/image/build.sh
+
+# The load generator's image for the distributed load test in the cluster (deploy/loadtest).
+image-loadtest: $(BIN)/.installed
+	BENTOML=$(BIN)/bentoml deploy/image/build.sh loadtest
+
+# A bounded headless load test against a running `make serve`: loadtest/profile.toml's users,
+# duration and per-API objectives; exits 1 when an objective is missed; CSV and HTML in reports/.
 loadtest: $(BIN)/.installed
-	$(BIN)/locust -f loadtest/locustfile.py --headless -u 20 -r 10 -t 30s --host http://$(HOST):$(PORT) --only-summary
+	mkdir -p reports
+	$(BIN)/locust --config loadtest/profile.toml --host http://$(HOST):$(PORT)
 
 # The serving benchmark: the suite against a hand-written FastAPI server (needs wrk and h2load:
 # apt-get install wrk nghttp2-client). Prints a table; took 8-11 minutes here.

@@ -66,7 +66,9 @@ def schemathesis_run(url: str, examples: int, seed: int, workdir: Path, workers:
         body = entry["response"].get("content", {}).get("text", "") or ""
         if status >= 500 and status != 503:
             report.server_errors.append(f"{method} {path} -> {status}: {body[:200]}")
-        elif "Traceback" in body:
+        elif status >= 400 and "Traceback" in body:
+            # Error bodies only: the text model, trained on Python's docs, writes "Traceback" itself
+            # (11 of 5,151 fuzzed /generate answers did in the first full run).
             report.server_errors.append(f"{method} {path} -> {status}: a stack trace in the body")
     if run.returncode != 0 and not report.server_errors:
         # schemathesis exits non-zero for failed checks (counted above) and for its own errors (shown here)

@@ -2,16 +2,25 @@
 
     locust -f loadtest/locustfile.py --headless -u 20 -r 10 -t 30s --host http://127.0.0.1:3000
 
-Each task checks content, not only the status, so a wrong answer counts as a failure."""
+or by a profile that also holds the service-level objectives (`make loadtest`):
+
+    locust --config loadtest/profile.toml --host http://127.0.0.1:3000
+
+Each task checks content, not only the status, so a wrong answer counts as a failure. With
+objectives (the ``[tool.suite.slo]`` tables of the --config file, or of --slo-file), the run prints
+each API's figures against them and exits 1 when one is missed. Runs distributed as it is
+(``--master`` / ``--worker``): the master holds the merged statistics and checks them."""
 
 from __future__ import annotations
 
 import json
 import random
 
-from locust import HttpUser, between, task
+from locust import HttpUser, between, events, task
+from locust.runners import WorkerRunner
 
 from loadtest.payloads import digit_png, photo_png, scene_png
+from loadtest.slo import load_objectives, measured_from_locust, table, violations
 
 PROMPTS = ["The assert statement", "Exceptions are", "A function definition", "The import system"]
 
@@ -71,3 +80,29 @@ class SuiteUser(HttpUser):
                 r.failure(f"{r.status_code}: {events[-1:] or r.text[:200]}")
             elif not all(json.loads(e).get("choices") for e in events[:-1]):
                 r.failure(f"an event without choices: {events[:3]}")
+
+
+@events.init_command_line_parser.add_listener
+def _slo_option(parser) -> None:
+    parser.add_argument("--slo-file", default="", help="TOML file with [tool.suite.slo] objectives "
+                        "(default: the --config file when it is TOML)")
+
+
+@events.quitting.add_listener
+def _check_objectives(environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    if options is None or isinstance(environment.runner, WorkerRunner):
+        return  # a worker's statistics go to the master, which checks them
+    configs = options.config if isinstance(options.config, list) else [options.config]
+    path = options.slo_file or next((c for c in configs if c and str(c).endswith(".toml")), "")
+    if not path:
+        return
+    objectives = load_objectives(path)
+    measured = measured_from_locust(environment.stats)
+    print(f"\nservice-level objectives ({path}):\n" + table(objectives, measured))
+    missed = violations(objectives, measured)
+    for line in missed:
+        print(f"MISSED {line}")
+    print("objectives: " + ("MISSED" if missed else "all met"))
+    if missed:
+        environment.process_exit_code = 1

@@ -8,19 +8,46 @@ variables (containers, Kubernetes), overridden in turn by ``bentoml serve --arg 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 FAMILIES = ("classify", "segment", "generate", "denoise", "sample")
 
 
-def available_cores() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's count)."""
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Cores this process may use: its CPU set, further capped by a cgroup CPU quota. A Kubernetes
+    CPU limit is a quota, not a CPU set, so a pod limited to 2 CPUs on a 64-core node sees all 64
+    cores in its affinity; starting 64 workers there would thrash."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, quota)
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """The CPU quota in whole cores (rounded up), from cgroup v2 ``cpu.max`` or cgroup v1
+    ``cpu.cfs_quota_us``; None when there is none or it cannot be read."""
+    root = Path(cgroup_root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(quota_us / period_us)) if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -62,7 +89,8 @@ class ServingConfig:
     text_stream_interval_ms: float = 10.0  # a stream's reader is woken at most this often (first and last chunk at
     #   once); text in between goes out joined. Measured at 8 streams: 2,100-2,600 tokens/s with 0, 3,100 with 10
     api_key: str = field(default="", repr=False)  # when set, every route but health and metrics needs
-    #   "Authorization: Bearer <key>" (gRPC: that metadata); empty = open. Prefer SUITE_API_KEY to --arg (process lists)
+    #   "Authorization: Bearer <key>" (gRPC: that metadata); empty = open. Prefer SUITE_API_KEY to --arg (process lists),
+    #   or SUITE_API_KEY_FILE (a file holding the key, e.g. a mounted Secret)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown --arg keys, reported
 
     def limits(self, model: str) -> "ModelLimits":
@@ -96,6 +124,13 @@ class ServingConfig:
             raw = environ.get(f"SUITE_{name.upper()}")
             if raw is not None and raw != "":
                 values[name] = parse_value(name, f.type, raw)
+        key_file = environ.get("SUITE_API_KEY_FILE")
+        if key_file and "api_key" not in values:
+            # A Kubernetes Secret mounted as a file: the key stays out of the process environment.
+            try:
+                values["api_key"] = Path(key_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"SUITE_API_KEY_FILE: cannot read {key_file}: {exc.strerror}") from None
         unknown = {}
         for name, raw in arguments.items():
             if name in fields:

@@ -29,7 +29,20 @@ def read_contract(onnx_path: Path) -> ModelContract:
 def choose_providers(wanted: tuple[str, ...] = ()) -> list[str]:
     available = ort.get_available_providers()
     chosen = [p for p in (wanted or ("CUDAExecutionProvider", "CPUExecutionProvider")) if p in available]
+    if "CUDAExecutionProvider" in chosen:
+        preload_cuda_libraries()
     return chosen or ["CPUExecutionProvider"]
+
+
+def preload_cuda_libraries() -> None:
+    """The GPU image takes CUDA and cuDNN from their pip wheels (onnxruntime-gpu[cuda,cudnn]), which
+    the dynamic loader does not search; ONNX Runtime loads them from site-packages when asked."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - a system CUDA install may still serve; the session says
+            log.warning("onnxruntime.preload_dlls failed: %s", exc)
 
 
 class OnnxSession:

@@ -18,6 +18,9 @@ from services.errors import bad_request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 100
 
 
+MIN_REPETITION_PENALTY = 0.01
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -48,8 +51,11 @@ class SamplingParams:
             raise bad_request("seed", "must be a non-negative 64-bit integer")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
             raise bad_request("stop", f"at most {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_CHARS} characters")
-        if not 0 < self.repetition_penalty <= 10:
-            raise bad_request("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
+        # Bounded below so that dividing a logit by it stays finite (found by the fuzzer: 5e-324 made
+        # the logits infinite and the sampling distribution NaN).
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10:
+            raise bad_request("repetition_penalty", f"must be between {MIN_REPETITION_PENALTY} and 10, "
+                                                    f"got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise bad_request(name, f"must be between -2 and 2, got {getattr(self, name)}")
@@ -148,7 +154,11 @@ class RowSampler:
 
     def _draw(self, logits: np.ndarray) -> int:
         p = self.params
-        scaled = logits.astype(np.float64) / p.temperature
+        logits = logits.astype(np.float64)
+        # The largest logit is subtracted before the division: every value is then <= 0, so a tiny
+        # temperature sends the others to -inf (greedy in the limit) instead of overflowing to inf - inf.
+        with np.errstate(over="ignore"):  # -finite / tiny overflowing to -inf is the intended limit
+            scaled = (logits - logits.max()) / p.temperature
         if p.top_k and p.top_k < scaled.size:
             kth = np.partition(scaled, -p.top_k)[-p.top_k]
             scaled = np.where(scaled < kth, -np.inf, scaled)

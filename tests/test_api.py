@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import requests
 from PIL import Image
 
 from loadtest.payloads import digit_png, photo_png, png_bytes, scene_png
+from loadtest.servers import free_port
 from tests.conftest import REPO
 
 
@@ -183,19 +185,48 @@ def test_bad_input_is_a_named_client_error(server, path, kwargs, status, field):
     assert requests.post(f"{server.url}/sample", json={"n": 1, "seed": 0}, timeout=60).status_code == 200
 
 
-def test_locust_headless_run_has_no_failures(server, tmp_path):
-    csv = tmp_path / "locust"
-    result = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless", "-u", "6",
-         "-r", "6", "-t", "15s", "--host", server.url, "--csv", str(csv), "--only-summary", "--stop-timeout", "5"],
-        cwd=REPO, capture_output=True, text=True, timeout=90)
+def locust_distributed(server, tmp_path, slo_file: Path, workers: int = 2, seconds: int = 12):
+    """loadtest/profile.toml run as `make loadtest` runs it, but distributed: a master and
+    ``workers`` worker processes on this machine, shorter and with the objectives of ``slo_file``."""
+    locust = [sys.executable, "-m", "locust", "--config", str(REPO / "loadtest/profile.toml")]
+    master = subprocess.Popen(
+        locust + ["--master", "--expect-workers", str(workers), "--host", server.url, "-u", "6", "-r", "6",
+                  "-t", f"{seconds}s", "--stop-timeout", "5", "--csv", str(tmp_path / "locust"),
+                  "--html", str(tmp_path / "locust.html"), "--slo-file", str(slo_file), "--master-bind-port",
+                  str(port := free_port())],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    helpers = [subprocess.Popen(locust + ["--worker", "--master-port", str(port)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
+    try:
+        output, _ = master.communicate(timeout=seconds + 90)
+    finally:
+        for helper in helpers:
+            helper.wait(timeout=30)
     stats = (tmp_path / "locust_stats.csv").read_text().splitlines()
-    header, rows = stats[0].split(","), [dict(zip(stats[0].split(","), line.split(","))) for line in stats[1:]]
-    by_name = {r["Name"]: r for r in rows}
-    for path in ("/classify", "/segment", "/generate", "/denoise", "/sample"):
-        assert int(by_name[path]["Request Count"]) > 0, (path, result.stdout[-2000:])
-    assert int(by_name["Aggregated"]["Failure Count"]) == 0, result.stdout[-3000:]
-    assert "Request Count" in header
+    rows = [dict(zip(stats[0].split(","), line.split(","))) for line in stats[1:]]
+    return master.returncode, output, {r["Name"]: r for r in rows}
+
+
+def test_locust_distributed_run_meets_objectives(server, tmp_path):
+    slo = tmp_path / "slo.toml"  # objectives any healthy server meets (the real ones are sized for `make serve`)
+    slo.write_text("".join(f'[tool.suite.slo."{name}"]\nmax_error_rate = 0\np99_ms = 20000\n\n'
+                           for name in ("/classify", "/segment", "/generate", "/denoise", "/sample", "Aggregated")))
+    code, output, by_name = locust_distributed(server, tmp_path, slo)
+    assert code == 0, output[-3000:]
+    assert "objectives: all met" in output and "MISSED" not in output, output[-3000:]
+    for path in ("/classify", "/segment", "/generate", "/denoise", "/sample", "/v1/completions stream"):
+        assert int(by_name[path]["Request Count"]) > 0, (path, output[-2000:])
+    assert int(by_name["Aggregated"]["Failure Count"]) == 0, output[-3000:]
+    assert (tmp_path / "locust.html").stat().st_size > 1000
+
+
+def test_locust_run_fails_on_a_missed_objective_and_still_reports(server, tmp_path):
+    slo = tmp_path / "slo.toml"
+    slo.write_text('[tool.suite.slo."/classify"]\np99_ms = 0.001\n\n[tool.suite.slo."/nonexistent"]\nmin_rps = 1\n')
+    code, output, by_name = locust_distributed(server, tmp_path, slo, workers=1, seconds=6)
+    assert code == 1, output[-3000:]
+    assert "MISSED /classify: p99" in output and "MISSED /nonexistent: no requests" in output, output[-3000:]
+    assert int(by_name["/classify"]["Request Count"]) > 0 and (tmp_path / "locust.html").exists()
 
 
 def test_bentoml_build_offline(built_models, tmp_path):

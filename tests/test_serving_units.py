@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -281,6 +282,34 @@ def test_config_layers_env_then_arguments():
         with pytest.raises(ValueError):
             ServingConfig.load(environ=environ, arguments={})
 
+
+
+def test_api_key_from_a_file(tmp_path):
+    (tmp_path / "key").write_text("s3cret\n")
+    assert ServingConfig.load(environ={"SUITE_API_KEY_FILE": str(tmp_path / "key")}, arguments={}).api_key == "s3cret"
+    both = {"SUITE_API_KEY_FILE": str(tmp_path / "key"), "SUITE_API_KEY": "direct"}
+    assert ServingConfig.load(environ=both, arguments={}).api_key == "direct"
+    with pytest.raises(ValueError, match="SUITE_API_KEY_FILE"):
+        ServingConfig.load(environ={"SUITE_API_KEY_FILE": str(tmp_path / "missing")}, arguments={})
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no limit
+    ({"cpu.max": "200000 100000\n"}, 2),  # a Kubernetes limit of 2 CPUs
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs round up
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_cpu_quota_caps_the_cores(tmp_path, files, quota):
+    from services.config import available_cores, cgroup_cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(str(tmp_path)) == quota
+    assert available_cores(str(tmp_path)) == min(len(os.sched_getaffinity(0)), quota or 10**6)
 
 # ---- the model repository -------------------------------------------------------------------------
 

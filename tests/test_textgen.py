@@ -17,11 +17,23 @@ def test_parse_sampling_fields_and_errors():
     assert p.ignore_eos and p.stop == ("a", "b") and p.seed == 7
     assert parse_sampling({}, cap=10).seed is not None  # a random seed, echoed to the client
     for values, field in [({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty"),
-                          ({"repetition_penalty": 0}, "repetition_penalty"), ({"ignore_eos": 1}, "ignore_eos"),
+                          ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": 5e-324},
+                                                                             "repetition_penalty"),
+                          ({"ignore_eos": 1}, "ignore_eos"),
                           ({"max_new_tokens": 11}, "max_new_tokens"), ({"top_p": 0}, "top_p")]:
         with pytest.raises(ServingError) as info:
             parse_sampling(values, cap=10)
         assert info.value.field == field and info.value.status == 400
+
+
+def test_extreme_temperatures_stay_a_distribution():
+    """Found by the fuzzer: the smallest positive temperature overflowed the scaled logits to
+    inf - inf = NaN. It now tends to greedy, and the largest allowed one still samples."""
+    logits = np.array([2.0, -1.0, 0.5, 3.0], np.float32)
+    for seed in range(5):
+        tiny = RowSampler(SamplingParams(temperature=5e-324, repetition_penalty=0.01, seed=seed), [1], vocab=4)
+        assert tiny.next(logits) == 3
+        assert 0 <= RowSampler(SamplingParams(temperature=10, seed=seed), [], vocab=4).next(logits) < 4
 
 
 def test_penalties_follow_their_definitions():

@@ -102,7 +102,7 @@ def openapi_document(plane: Any) -> dict:
 
 
 PENALTIES = {
-    "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10, "default": 1.0},
+    "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 10, "default": 1.0},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
     "ignore_eos": {"type": "boolean", "default": False}}

@@ -82,16 +82,19 @@ class Smoke:
         self.metrics()
         return self.checks
 
+    @property
+    def _probe_bases(self) -> list[tuple[str, str]]:
+        """(label, base URL): the main port, and the probe port when there is one."""
+        return [("", self.url)] + ([("probe port ", self.probe_url)] if self.probe_url else [])
+
     def probes(self) -> None:
-        bases = [("", self.url)] + ([("probe port ", self.probe_url)] if self.probe_url else [])
-        for label, base in bases:
+        for label, base in self._probe_bases:
             for path in ("/livez", "/readyz"):
                 self.check(f"{label}GET {path}", lambda b=base, p=path: self._status(self.get(b + p)))
 
     def metrics(self) -> None:
         """After the calls: /metrics (both ports) counts the native classify request made above."""
-        bases = [("", self.url)] + ([("probe port ", self.probe_url)] if self.probe_url else [])
-        for label, base in bases:
+        for label, base in self._probe_bases:
             self.check(f"{label}GET /metrics", lambda b=base: self._metrics(self.get(b + "/metrics")))
 
     @staticmethod

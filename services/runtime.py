@@ -3,6 +3,7 @@ through its artifact: the ONNX file plus the contract stored in its metadata."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def choose_providers(wanted: tuple[str, ...] = ()) -> list[str]:
     return chosen or ["CPUExecutionProvider"]
 
 
+@functools.cache  # once per process, not per session
 def preload_cuda_libraries() -> None:
     """The GPU image takes CUDA and cuDNN from their pip wheels (onnxruntime-gpu[cuda,cudnn]), which
     the dynamic loader does not search; ONNX Runtime loads them from site-packages when asked."""

@@ -42,6 +42,17 @@ def built_models() -> dict[str, Built]:
     return built
 
 
+def build_bento(env: dict | None = None) -> str:
+    """`bentoml build` of bentofile.yaml from the session's store; -> the bento's tag."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1].replace("__tag__:", "")
+
+
 @pytest.fixture(scope="session")
 def server(built_models) -> Server:
     """A real `bentoml serve` of bentofile.yaml's service, from the quick models, on free ports."""

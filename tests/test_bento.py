@@ -14,7 +14,7 @@ import pytest
 
 from loadtest.servers import free_port, start_server
 from loadtest.smoke import Smoke, report
-from tests.conftest import REPO
+from tests.conftest import build_bento
 
 UV = str(Path(sys.executable).parent / "uv")
 
@@ -24,10 +24,7 @@ def bento(built_models) -> tuple[str, Path]:
     """(tag, folder) of a bento built from the session's quick models."""
     import bentoml
 
-    result = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    tag = result.stdout.strip().splitlines()[-1].replace("__tag__:", "")
+    tag = build_bento()
     return tag, Path(bentoml.get(tag).path)
 
 

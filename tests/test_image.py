@@ -59,6 +59,18 @@ def image(built_models, tmp_path_factory) -> str:
     podman("rmi", "--force", tag, "localhost/model-suite-test:latest", check=False)
 
 
+def wait_ready(url: str, log, running=lambda: True, timeout: float = 180) -> float:
+    """Seconds until ``url``/readyz answers 200; fails with ``log()`` if the server stops or times out."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        assert running(), log()
+        assert time.monotonic() - started < timeout, f"not ready in {timeout:.0f} s:\n{log()}"
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def container(image: str, *options: str):
     """The image on free loopback ports with the production hardening: read-only root, a tmpfs on
@@ -70,18 +82,11 @@ def container(image: str, *options: str):
            "-e", f"SUITE_GRPC_PORT={grpc_port}", "-e", f"SUITE_PROBE_PORT={probe_port}", "-e", "SUITE_GRPC_HOST=127.0.0.1",
            "-e", "SUITE_WORKERS=2", "-e", "SUITE_INTRA_OP_THREADS=1", *options,
            image, "serve", "--host", "127.0.0.1", "--port", str(port))
-    started = time.monotonic()
     try:
         url = f"http://127.0.0.1:{port}"
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            state = json.loads(podman("inspect", name).stdout)[0]["State"]
-            assert state["Running"], podman("logs", name).stderr[-4000:]
-            assert time.monotonic() - started < 180, "not ready in 180 s:\n" + podman("logs", name).stderr[-4000:]
-            time.sleep(0.5)
-        print(f"{image} ready in {time.monotonic() - started:.1f} s")
+        seconds = wait_ready(url, lambda: podman("logs", name).stderr[-4000:],
+                             lambda: json.loads(podman("inspect", name).stdout)[0]["State"]["Running"])
+        print(f"{image} ready in {seconds:.1f} s")
         yield name, Smoke(url, grpc_port, probe_port)
     finally:
         podman("rm", "--force", "--time", "5", name, check=False)
@@ -161,12 +166,7 @@ def test_cpu_deployment_runs_under_podman_kube_play(image, tmp_path):
     podman("kube", "play", "--network", "host", str(manifest), timeout=180)
     try:
         smoke = Smoke(f"http://127.0.0.1:{port}", grpc_port, probe_port)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{smoke.url}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+        wait_ready(smoke.url, lambda: podman("pod", "logs", "--latest", check=False).stderr[-4000:])
         checks = smoke.run()
         assert all(c.ok for c in checks), report(checks)
     finally:

@@ -1,11 +1,13 @@
-"""python -m export <family|all> [--build-missing] [--profile standard|quick] [--no-store]"""
+"""python -m export <family|all> [--build-missing] [--profile standard|quick|benchmark] [--data PATH] [--no-store]"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import time
 import sys
+from pathlib import Path
 
 from training.artifacts import CHECKPOINT_FILE, REPO_ROOT, family_dir
 
@@ -37,33 +39,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("family", choices=[*FAMILIES, "all"])
     parser.add_argument("--build-missing", action="store_true",
                         help="only families with no model in the store; train those without a checkpoint first")
-    parser.add_argument("--profile", choices=["quick", "standard"], default="standard",
-                        help="training profile used by --build-missing")
+    parser.add_argument("--profile", choices=["quick", "standard", "benchmark"], default="standard",
+                        help="which model: the family's default (quick or standard training, by --build-missing) or "
+                             "its benchmark model, stored under its own name")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="with --build-missing --profile benchmark: the benchmark data folder (../shared/data)")
     parser.add_argument("--no-store", action="store_true", help="write the .onnx file only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from export.onnx_export import export_onnx, save_to_store
+    from training.__main__ import model_name, run
 
-    names = list(FAMILIES) if args.family == "all" else [args.family]
-    for name in names:
-        family = get(name)
+    default_profile = "standard" if args.profile == "benchmark" else args.profile
+    families = list(FAMILIES) if args.family == "all" else [args.family]
+    for family_name in families:
+        family = get(family_name)
+        if args.profile not in family.profiles:
+            print(f"[{family_name}] has no {args.profile} model: skipped")
+            continue
+        name = model_name(family, args.profile)
         if args.build_missing:
             if in_store(name, family.graph_version):
                 print(f"[{name}] in the model store: reused")
                 continue
             if not (family_dir(name) / CHECKPOINT_FILE).exists():
-                from training.__main__ import run
-
-                for needed in family.requires:
+                for needed in family.requires:  # the GAN's judge is the default classifier
                     if not (family_dir(needed) / CHECKPOINT_FILE).exists():
-                        run(needed, args.profile)
+                        run(needed, default_profile)
                 print(f"[{name}] no checkpoint: training ({args.profile} profile)")
-                run(name, args.profile)
-        result = export_onnx(family)
+                started = time.monotonic()
+                run(family_name, args.profile, args.data)
+                print(f"[{name}] trained in {(time.monotonic() - started) / 60:.1f} min")
+        result = export_onnx(family, family_dir(name))
         line = f"[{name}] {result.onnx_path} parity max abs diff {result.parity_max_abs_diff:.2e}"
         if not args.no_store:
-            line += f", stored as {save_to_store(result, family)}"
+            line += f", stored as {save_to_store(result, family, family_dir(name))}"
         print(line)
     return 0
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 FAMILIES = ("classify", "segment", "generate", "denoise", "sample")
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # a BentoML model name
 
 
 def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -52,7 +54,8 @@ def cgroup_cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    models: tuple[str, ...] = FAMILIES  # served model names (store names)
+    models: tuple[str, ...] = ()  # served model names (store names); empty = the five defaults (named after their
+    #   family) plus every other model in the store of a known family (the benchmark models), found at start-up
     workers: int = 0  # HTTP/gRPC worker processes; 0 = one per available core
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = available cores / workers
     inter_op_threads: int = 1
@@ -97,9 +100,9 @@ class ServingConfig:
         """The queueing and batching limits of one model: the global ones, then its overrides."""
         values = {name: getattr(self, name) for name in PER_MODEL_LIMITS}
         for entry in self.model_limits:
-            target, _, rest = entry.partition(".")
+            head, _, raw = entry.partition("=")
+            target, _, name = head.rpartition(".")
             if target == model:
-                name, _, raw = rest.partition("=")
                 values[name] = parse_value(name, PER_MODEL_LIMITS[name], raw)
         return ModelLimits(**values)
 
@@ -142,15 +145,16 @@ class ServingConfig:
         return config
 
     def validate(self) -> None:
-        unknown = [m for m in self.models if m not in FAMILIES]
-        if unknown:
-            raise ValueError(f"models: unknown {unknown}; known: {list(FAMILIES)}")
+        malformed = [m for m in self.models if not MODEL_NAME.match(m)]
+        if malformed:
+            raise ValueError(f"models: {malformed} are not model names (lower-case letters, digits, '.', '_', '-')")
         for entry in self.model_limits:
-            target, dot, rest = entry.partition(".")
-            name, eq, raw = rest.partition("=")
-            if not dot or not eq or target not in FAMILIES or name not in PER_MODEL_LIMITS:
-                raise ValueError(f"model_limits: {entry!r} is not <model>.<limit>=<value> with a model of "
-                                 f"{list(FAMILIES)} and a limit of {list(PER_MODEL_LIMITS)}")
+            # The limit name comes last, so a model name may itself hold dots (generate-shakespeare.v2).
+            head, eq, raw = entry.partition("=")
+            target, dot, name = head.rpartition(".")
+            if not dot or not eq or not MODEL_NAME.match(target) or name not in PER_MODEL_LIMITS:
+                raise ValueError(f"model_limits: {entry!r} is not <model>.<limit>=<value> with a model name "
+                                 f"and a limit of {list(PER_MODEL_LIMITS)}")
             value = parse_value(name, PER_MODEL_LIMITS[name], raw)
             if value < (1 if name != "max_queue_wait_ms" else 0):
                 raise ValueError(f"model_limits: {entry!r} is out of range")

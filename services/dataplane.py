@@ -140,15 +140,22 @@ class DataPlane:
                 "inputs": tensors(contract.inputs) + extra_in, "outputs": tensors(contract.outputs) + extra_out}
 
     def models(self) -> list[dict]:
-        """Every served model: newest version, contract, training metrics, parity figure, versions."""
+        """Every served model: newest version, contract, training data and metrics, benchmark
+        figures, parity figure, versions. A default model not in the store yet is listed as such."""
         out = []
         for name in self.repository.names:
+            if not self.repository.versions(name):
+                out.append({"name": name, "version": None, "ready": False, "versions": [],
+                            "reason": "not in the store"})
+                continue
             stored = self.repository.stored(name)
             contract = self.repository.contract(name)
             meta = stored.metadata
-            out.append({"name": name, "version": stored.version, "task": meta.get("task"),
+            out.append({"name": name, "version": stored.version, "family": contract.family, "task": meta.get("task"),
                         "architecture": contract.architecture, "contract": json.loads(contract.to_json()),
-                        "metrics": meta.get("metrics"), "parity_max_abs_diff": meta.get("parity_max_abs_diff"),
+                        "profile": meta.get("profile"), "data_description": meta.get("data_description"),
+                        "metrics": meta.get("metrics"), "benchmark": meta.get("benchmark") or {},
+                        "parity_max_abs_diff": meta.get("parity_max_abs_diff"),
                         "data_fingerprint": meta.get("data_fingerprint"), "created_at": meta.get("created_at"),
                         "git_revision": meta.get("git_revision"), "versions": self.repository.versions(name),
                         "ready": self.repository.is_ready(name)})
@@ -216,6 +223,8 @@ class DataPlane:
         """Served text-generation models (what the OpenAI API lists): name, newest version, created."""
         out = []
         for name in self.repository.names:
+            if not self.repository.versions(name):
+                continue
             stored = self.repository.stored(name)
             if self.repository.contract(name).family == TextGeneration.task:
                 out.append({"name": name, "version": stored.version, "created": int(stored.created_at)})

@@ -19,7 +19,7 @@ import numpy as np
 
 from contract import ONNX_FILE, ModelContract
 from services.batching import DynamicBatcher
-from services.config import ServingConfig, available_cores
+from services.config import FAMILIES, ServingConfig, available_cores
 from services.errors import ServingError, not_found, unavailable
 from services.runtime import OnnxSession, read_contract
 from services.textengine import EngineLimits, TextEngine
@@ -46,6 +46,9 @@ class ModelStore(Protocol):
     def list_versions(self, name: str) -> list[StoredVersion]:
         """Every version of ``name``, newest first."""
 
+    def list_names(self) -> list[str]:
+        """Every model name in the store whose metadata names a family this server has handlers for."""
+
 
 class BentoModelStore:
     """The BentoML model store (``BENTOML_HOME``)."""
@@ -57,6 +60,21 @@ class BentoModelStore:
                                m.info.creation_time.timestamp())
                  for m in bentoml.models.list(name)]
         return sorted(found, key=lambda v: v.created_at, reverse=True)
+
+    def list_names(self) -> list[str]:
+        import bentoml
+
+        return sorted({m.tag.name for m in bentoml.models.list() if m.info.metadata.get("family") in FAMILIES})
+
+
+def served_names(config: ServingConfig, store: ModelStore) -> tuple[str, ...]:
+    """What a server serves: ``config.models``, or else the five defaults (each named after its
+    family, served whether or not the store has it yet, so readiness says what is missing) and
+    every other model of a known family found in the store (the benchmark models)."""
+    if config.models:
+        return config.models
+    found = store.list_names() if hasattr(store, "list_names") else []
+    return FAMILIES + tuple(n for n in found if n not in FAMILIES)
 
 
 def batch_major(contract: ModelContract) -> bool:
@@ -138,8 +156,8 @@ class ModelRepository:
     def __init__(self, config: ServingConfig, store: ModelStore | None = None,
                  observer_for: Callable[[str], Any] | None = None, drain_timeout: float = 120.0):
         self.config = config
-        self.names = config.models
         self.store = store or BentoModelStore()
+        self.names = served_names(config, self.store)
         self.drain_timeout = drain_timeout
         self._observer_for = observer_for or (lambda name: None)
         self._versions: dict[str, list[StoredVersion]] = {name: [] for name in self.names}

@@ -30,7 +30,7 @@ from services.frontends.openai import add_openai_routes
 from services.frontends.openapi import add_openapi_route
 from services.frontends.probes import ProbeServer, ProbeState
 from services.metrics import ServingMetrics, exposition
-from services.repository import ModelRepository
+from services.repository import BentoModelStore, ModelRepository, served_names
 
 log = logging.getLogger("services")
 CONFIG = ServingConfig.load()
@@ -75,8 +75,9 @@ class Suite:
         # listening, which is after this start-up hook.
         if not os.environ.get("UV_TCP_SINGLE_ACCEPT"):  # "0" turns it off
             os.environ["UV_TCP_SINGLE_ACCEPT"] = "1"
-        self.metrics = ServingMetrics(CONFIG.models)
-        self.repository = ModelRepository(CONFIG, observer_for=self.metrics.observer)
+        store = BentoModelStore()
+        self.metrics = ServingMetrics(served_names(CONFIG, store))
+        self.repository = ModelRepository(CONFIG, store, observer_for=self.metrics.observer)
         # The wanted state shared by this server's workers: a worker replacing a killed one starts in
         # the state model control left the others in. A model that fails to load is logged, named
         # by /readyz and refused with 503; the others serve.

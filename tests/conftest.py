@@ -42,6 +42,27 @@ def built_models() -> dict[str, Built]:
     return built
 
 
+SECOND = "-seed1"  # every family's second served model: the quick profile again with another seed
+
+
+@pytest.fixture(scope="session")
+def second_models(built_models) -> dict[str, Built]:
+    """A second model per family under its own name (family + SECOND), served beside the default,
+    for the model choice on every API (as the benchmark models are)."""
+    from export.onnx_export import export_onnx, save_to_store
+    from training.__main__ import run
+    from training.artifacts import family_dir
+    from training.registry import FAMILIES
+
+    built = {}
+    for family_name, family in FAMILIES.items():
+        name = family_name + SECOND
+        metrics = run(family_name, "quick", train_overrides={"seed": 1}, progress=False, name=name)
+        result = export_onnx(family, family_dir(name))
+        built[name] = Built(metrics, result.parity_max_abs_diff, save_to_store(result, family, family_dir(name)))
+    return built
+
+
 def build_bento(env: dict | None = None) -> str:
     """`bentoml build` of bentofile.yaml from the session's store; -> the bento's tag."""
     import subprocess
@@ -54,7 +75,7 @@ def build_bento(env: dict | None = None) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(built_models) -> Server:
+def server(built_models, second_models) -> Server:
     """A real `bentoml serve` of bentofile.yaml's service, from the quick models, on free ports."""
     server = start_suite({"SUITE_INTRA_OP_THREADS": "1"}, _TMP / "serve.log", timeout=180)
     try:

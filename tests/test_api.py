@@ -17,7 +17,7 @@ from PIL import Image
 
 from loadtest.payloads import digit_png, photo_png, png_bytes, scene_png
 from loadtest.servers import free_port
-from tests.conftest import REPO, build_bento
+from tests.conftest import SECOND, REPO, build_bento
 
 
 def post_image(server, path: str, png: bytes, **fields) -> requests.Response:
@@ -143,15 +143,50 @@ def test_generate_stream_joins_to_text(server):
     assert payloads[-1]["usage"] == whole["usage"]
 
 
-def test_models_endpoint(server, built_models):
+def test_models_endpoint(server, built_models, second_models):
     body = requests.post(f"{server.url}/models", json={}, timeout=30).json()
     by_name = {m["name"]: m for m in body}
-    assert set(by_name) == set(built_models)
-    for name, built in built_models.items():
+    assert set(by_name) == set(built_models) | set(second_models)  # the defaults and every other stored model
+    for name, built in {**built_models, **second_models}.items():
         m = by_name[name]
         assert f"{name}:{m['version']}" == built.tag
         assert m["parity_max_abs_diff"] == pytest.approx(built.parity)
-        assert m["metrics"] and m["contract"]["inputs"] and m["task"]
+        assert m["metrics"] and m["contract"]["inputs"] and m["task"] and m["ready"]
+        assert m["family"] == name.removesuffix(SECOND) and m["profile"] == "quick"
+
+
+def test_model_choice_on_every_api(server, second_models):
+    """Each native route and the OpenAI route serve the model named in the request (the task's
+    default otherwise), and say which one answered."""
+    import openai
+
+    digit, _ = digit_png(3)
+    scene, _ = scene_png()
+    photo, _ = photo_png(size=64)
+    for path, png, fields in (("/segment", scene, {}), ("/denoise", photo, {"sigma": 25})):
+        family = path.strip("/")
+        default = post_image(server, path, png, **fields)
+        chosen = post_image(server, path, png, model=family + SECOND, **fields)
+        assert default.headers["x-model"].startswith(f"{family}:")
+        assert chosen.status_code == 200 and chosen.headers["x-model"].startswith(f"{family}{SECOND}:"), chosen.text
+    body = post_image(server, "/classify", digit, model="classify" + SECOND).json()
+    assert body["model"].startswith("classify" + SECOND + ":")
+    r = requests.post(f"{server.url}/sample", json={"n": 2, "seed": 1, "model": "sample" + SECOND}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-model"].startswith("sample" + SECOND + ":")
+    assert r.content != requests.post(f"{server.url}/sample", json={"n": 2, "seed": 1}, timeout=60).content
+    text = {"prompt": "The ", "max_new_tokens": 4, "seed": 0, "model": "generate" + SECOND}
+    assert requests.post(f"{server.url}/generate", json=text, timeout=60).json()["model"].startswith("generate" + SECOND)
+    r = requests.post(f"{server.url}/generate_stream", json=text, timeout=60)
+    assert r.status_code == 200 and r.headers["x-model"].startswith("generate" + SECOND + ":")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert {m.id for m in client.models.list()} == {"generate", "generate" + SECOND}
+    done = client.completions.create(model="generate" + SECOND, prompt="The ", max_tokens=3, seed=0)
+    assert done.model.startswith("generate" + SECOND)
+    # a model of another task, and a model that is not served
+    wrong = post_image(server, "/classify", digit, model="segment" + SECOND)
+    assert wrong.status_code == 400 and wrong.json()["field"] == "model" and "segment" in wrong.json()["error"]
+    missing = post_image(server, "/classify", digit, model="classify-nope")
+    assert missing.status_code == 404 and missing.json()["field"] == "model"
 
 
 BIG_PNG = png_bytes(np.zeros((4100, 4100), np.uint8))  # 16.8 M pixels, over the 16 M limit

@@ -101,7 +101,7 @@ def test_model_metadata_from_contract(http, grpc, repo):
         assert rest["platform"] == g["platform"] == "onnxruntime_onnx"
         assert rest["versions"] == g["versions"] == repo.versions(name) and rest["versions"][0] == stored.version
         expected = [{"name": t.name, "datatype": t.oip_datatype, "shape": t.shape} for t in c.inputs]
-        extra_in = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}] if name == "generate" else []
+        extra_in = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}] if c.family == "generate" else []
         assert rest["inputs"] == expected + extra_in
         assert [{**t, "shape": [int(d) for d in t["shape"]]} for t in g["inputs"]] == expected + extra_in
         assert [t["name"] for t in rest["outputs"]] == [t.name for t in c.outputs] + (["text_output"] if extra_in else [])

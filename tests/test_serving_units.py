@@ -278,10 +278,25 @@ def test_config_layers_env_then_arguments():
     assert config.extra == {"nonsense": "1"}
     assert ServingConfig.load(environ={}, arguments={}).worker_count >= 1
     for environ in ({"SUITE_WORKERS": "two"}, {"SUITE_BATCHING": "maybe"}, {"SUITE_MAX_BATCH_SIZE": "0"},
-                    {"SUITE_MODELS": "classify,nope"}):
+                    {"SUITE_MODELS": "classify,Not A Name"}, {"SUITE_MODEL_LIMITS": "denoise.nope=3"}):
         with pytest.raises(ValueError):
             ServingConfig.load(environ=environ, arguments={})
 
+
+
+def test_served_names_defaults_then_the_stores_other_models():
+    from services.repository import served_names
+
+    class Store:
+        def list_names(self):
+            return ["classify", "denoise-bsd", "generate-shakespeare"]
+
+    assert served_names(ServingConfig(), Store()) == ("classify", "segment", "generate", "denoise", "sample",
+                                                      "denoise-bsd", "generate-shakespeare")
+    assert served_names(ServingConfig(models=("denoise-bsd",)), Store()) == ("denoise-bsd",)
+    # a model name may hold dots: the limit is what follows the last one
+    config = ServingConfig.load(environ={"SUITE_MODEL_LIMITS": "generate-shakespeare.v2.max_queue=7"}, arguments={})
+    assert config.limits("generate-shakespeare.v2").max_queue == 7 and config.limits("generate").max_queue == 256
 
 
 def test_api_key_from_a_file(tmp_path):

@@ -1,4 +1,5 @@
-"""python -m training <family|all> [--profile quick|standard] [--data PATH] [--<field> VALUE ...]"""
+"""python -m training <family|all> [--profile quick|standard|benchmark] [--data PATH] [--resume] [--<field> VALUE ...]
+python -m training report [family ...]"""
 
 from __future__ import annotations
 
@@ -7,36 +8,81 @@ import json
 import sys
 from pathlib import Path
 
+from training.artifacts import REPO_ROOT
 from training.config import TrainConfig, add_dataclass_arguments, build, overrides_from_args
-from training.registry import FAMILIES, get
+
+PROFILES = ("quick", "standard", "benchmark")
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # the benchmark data sets (never committed here)
+
+
+def model_name(family, profile: str) -> str:
+    """The store name of a family's model trained with ``profile``: benchmark models keep their own."""
+    return family.profiles.get(profile, {}).get("name", family.name)
+
+
+def resolve_data(family, profile: str, data: Path | None) -> Path | None:
+    """The benchmark profiles name their data set under the shared data folder; ``--data`` may be
+    that folder, the data set itself, or anything else in the family's accepted layouts."""
+    subpath = family.profiles[profile].get("data")
+    if subpath is None:
+        return data
+    root = data if data is not None else SHARED_DATA
+    if (root / subpath).exists():
+        return root / subpath
+    if data is not None and data.exists():
+        return data
+    raise FileNotFoundError(f"the {profile} profile of {family.name} trains on {subpath} under the benchmark data "
+                            f"folder; not found under {root} (pass --data)")
 
 
 def run(family_name: str, profile: str = "standard", data: Path | None = None, train_overrides=None,
-        model_overrides=None, out_dir: Path | None = None, progress: bool = True) -> dict:
+        model_overrides=None, out_dir: Path | None = None, progress: bool = True, resume: bool = False,
+        stop_after: int = 0, name: str | None = None) -> dict:
+    from training.artifacts import family_dir
     from training.loop import train
+    from training.registry import get
 
     family = get(family_name)
+    if profile not in family.profiles:
+        raise ValueError(f"{family_name} has no {profile!r} profile; it has {', '.join(family.profiles)}")
     layers = family.profiles[profile]
     train_cfg = build(TrainConfig, layers.get("train", {}), train_overrides or {})
     cfg = build(family.config_cls, layers.get("model", {}), model_overrides or {})
-    data_set = family.load_data(cfg, train_cfg, data, train_cfg.seed)
-    checkpoint = train(family, cfg, train_cfg, data_set, profile, out_dir=out_dir, progress=progress)
-    return checkpoint["metrics"]
+    data_set = family.load_data(cfg, train_cfg, resolve_data(family, profile, data), train_cfg.seed)
+    name = name or model_name(family, profile)
+    checkpoint = train(family, cfg, train_cfg, data_set, profile, out_dir=out_dir or family_dir(name),
+                       progress=progress, resume=resume, stop_after=stop_after, name=name)
+    if "stopped_at" in checkpoint:
+        return checkpoint
+    return {**checkpoint["metrics"], **{f"benchmark_{k}": v for k, v in checkpoint["benchmark"].items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.registry import FAMILIES, get
+
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from training.report import main as report_main
+
+        return report_main(argv[1:])
     # Model flags depend on the family, so find the family first (help lists them once it is given).
     family_arg = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train a model family and write artifacts/<family>/checkpoint.pt with its metrics. "
-                    "The standard profile meets the quality floors; quick trains in seconds for tests.")
+        description="Train a model family and write artifacts/<model>/checkpoint.pt with its metrics, TensorBoard "
+                    "events and (until it finishes) a resumable train_state.pt. The standard profile meets the "
+                    "quality floors; quick trains in seconds for tests; benchmark trains on a public data set "
+                    f"(default folder {SHARED_DATA}) under its own model name. "
+                    "`python -m training report [family]` writes the Markdown report.")
     parser.add_argument("family", choices=[*FAMILIES, "all"], help="which model family to train")
-    parser.add_argument("--profile", choices=["quick", "standard"], default="standard")
+    parser.add_argument("--profile", choices=PROFILES, default="standard")
     parser.add_argument("--data", type=Path, default=None,
                         help="train on this data instead of the bundled default (see README for layouts)")
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint folder (default artifacts/<family>)")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint folder (default artifacts/<model>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run from its train_state.pt (same configuration)")
+    parser.add_argument("--stop-after", type=int, default=0, metavar="STEPS",
+                        help="stop after this many steps of this run, keeping the state for --resume")
     add_dataclass_arguments(parser, TrainConfig, "training (any family)")
     if family_arg in FAMILIES:
         cls = FAMILIES[family_arg].config_cls
@@ -49,14 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     below_floor = []
     for name in names:
         family = get(name)
+        if args.profile not in family.profiles:
+            print(f"[{name}] has no {args.profile} profile: skipped")
+            continue
         model_overrides = overrides_from_args(args, family.config_cls)
-        metrics = run(name, args.profile, args.data, overrides_from_args(args, TrainConfig), model_overrides, args.out)
+        metrics = run(name, args.profile, args.data, overrides_from_args(args, TrainConfig), model_overrides,
+                      args.out, resume=args.resume, stop_after=args.stop_after)
+        if "stopped_at" in metrics:
+            print(f"[{name}] stopped after step {metrics['stopped_at']}: continue with --resume")
+            continue
         value = metrics[family.primary_metric]
         meets = value >= family.floor if family.higher_is_better else value <= family.floor
         verdict = "meets" if meets else "BELOW"
         print(f"[{name}] {family.primary_metric} = {value:.4f} ({verdict} the standard floor "
               f"{'>=' if family.higher_is_better else '<='} {family.floor})")
-        print(json.dumps({"family": name, "profile": args.profile, **metrics}))
+        print(json.dumps({"family": name, "model": model_name(family, args.profile), "profile": args.profile,
+                          **metrics}))
         if args.profile == "standard" and not meets:
             below_floor.append(name)
     if below_floor:

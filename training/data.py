@@ -157,6 +157,25 @@ def load_photos(data_path: Path | None) -> tuple[list[np.ndarray], list[np.ndarr
     return train, heldout, fp, desc
 
 
+def _gray_images(folder: Path) -> tuple[list[str], list[np.ndarray]]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [f.stem for f in files], [np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255.0 for f in files]
+
+
+def load_denoise_benchmark(root: Path, val_images: int = 40):
+    """The DnCNN benchmark layout: ``train400/`` (training; its last ``val_images`` by name held out
+    for picking the model) and ``set12/`` (the test images, only measured at the end).
+    -> (train, val, {name: test image}, fingerprint, description)."""
+    _, train400 = _gray_images(root / "train400")
+    names, set12 = _gray_images(root / "set12")
+    if len(train400) <= val_images or not set12:
+        raise FileNotFoundError(f"{root}: expected train400/ (> {val_images} images) and set12/")
+    train, val = train400[:-val_images], train400[-val_images:]
+    fp = fingerprint(*(p.tobytes() for p in train400 + set12))
+    desc = f"Train400 under {root} ({len(train)} train, {len(val)} val); test: Set12 ({len(set12)} images)"
+    return train, val, dict(zip(names, set12)), fp, desc
+
+
 # --- text (generate) ---------------------------------------------------------------------------------
 
 def load_text(data_path: Path | None) -> tuple[str, str, str]:

@@ -45,11 +45,18 @@ class Family:
     name: str = ""
     task: str = ""
     config_cls: type = object  # model hyper-parameters (a dataclass)
-    profiles: dict[str, dict[str, dict[str, Any]]] = {}  # profile -> {"train": {...}, "model": {...}}
+    # profile -> {"train": {...}, "model": {...}}; the benchmark profile also names its model
+    # ("name": its store name, beside the default one) and its data under ../shared/data ("data").
+    profiles: dict[str, dict[str, Any]] = {}
     primary_metric: str = ""  # the quality figure checked against the floor
     higher_is_better: bool = True
     floor: float = 0.0  # quality floor of the standard profile
     requires: tuple[str, ...] = ()  # families whose checkpoints this one needs (the GAN's judge)
+    # The benchmark table of the report: figure key -> column label; published figures per method
+    # (same keys) and the goal, from ../shared/data/README.md and the issue that set it.
+    benchmark_columns: dict[str, str] = {}
+    anchors: dict[str, dict[str, float]] = {}
+    benchmark_goal: str = ""
     # Bumped when the exported graph's interface changes: `--build-missing` re-exports stored
     # versions of an older graph from their checkpoint.
     graph_version: int = 1
@@ -82,6 +89,21 @@ class Family:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Data) -> dict[str, float]:
         raise NotImplementedError
+
+    def benchmark(self, model: nn.Module, data: Data) -> dict[str, float]:
+        """Figures on the benchmark's standard split, measured once on the final model (Set12 PSNR
+        at each noise level); the split is never used to pick the model. Empty: the held-out
+        evaluation is the benchmark figure."""
+        return {}
+
+    def tensorboard_samples(self, model: nn.Module, data: Data) -> dict[str, Any]:
+        """What to show at each evaluation: tag -> image batch (N, C, H, W) in [0, 1] or text."""
+        return {}
+
+    def report_figures(self, model: nn.Module, checkpoint: dict, ckpt_dir: Path) -> dict[str, Any]:
+        """What the report shows of a trained model besides its curves: title -> image array
+        (H, W) or (H, W, 3) in [0, 1], or text. Built from packaged data and the checkpoint only."""
+        return {}
 
     # --- artifacts ---
     def save_extra(self, model: nn.Module, data: Data, out_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """The one training loop: seeding, LR schedule, progress bar, periodic evaluation, best-state
-tracking with early stopping, metrics log, atomic checkpoint. Families supply the step."""
+tracking with early stopping, TensorBoard events, metrics log, resumable training state, atomic
+checkpoint. Families supply the step."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import json
 import math
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -15,6 +17,11 @@ from tqdm import tqdm
 
 from training.artifacts import CHECKPOINT_FILE, atomic_write, family_dir
 from training.family import Data, Family
+from training.threads import ThreadGovernor
+
+STATE_FILE = "train_state.pt"  # everything a resumed run needs; written at every evaluation
+TENSORBOARD_DIR = "tensorboard"
+LOG_EVERY = 10  # steps between TensorBoard loss points
 
 
 def _schedule(step: int, warmup: int, total: int) -> float:
@@ -31,44 +38,118 @@ def _improved(family: Family, value: float, best: float | None) -> bool:
     return value > best if family.higher_is_better else value < best
 
 
+class ResumeError(RuntimeError):
+    pass
+
+
+def _tensorboard(out_dir: Path, purge_step: int | None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step: a resumed run drops the events the interrupted one wrote after its last state.
+    return SummaryWriter(log_dir=str(out_dir / TENSORBOARD_DIR), purge_step=purge_step)
+
+
+def _write_samples(writer, family: Family, model, data: Data, step: int) -> None:
+    for tag, value in family.tensorboard_samples(model, data).items():
+        if isinstance(value, str):
+            writer.add_text(tag, value, step)
+        else:
+            writer.add_images(tag, value.clamp(0, 1), step)
+
+
 def train(family: Family, cfg, train_cfg, data: Data, profile: str, out_dir: Path | None = None,
-          progress: bool = True) -> dict:
-    """Trains ``family`` and writes ``checkpoint.pt`` (+ ``metrics.jsonl``); returns the checkpoint dict."""
-    out_dir = out_dir or family_dir(family.name)
+          progress: bool = True, resume: bool = False, stop_after: int = 0, name: str | None = None) -> dict:
+    """Trains ``family`` and writes ``checkpoint.pt`` (+ ``metrics.jsonl``, TensorBoard events and
+    ``train_state.pt``); returns the checkpoint dict. ``resume`` continues from ``train_state.pt``
+    exactly where the interrupted run left it (same batches, same random numbers); ``stop_after``
+    stops after that many steps of this run, leaving the state to resume from."""
+    name = name or family.name
+    out_dir = out_dir or family_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train_cfg.seed)
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
+    governor = ThreadGovernor(train_cfg.threads)
 
     model = family.build(cfg)
     optimizers = family.optimizers(model, train_cfg)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: _schedule(s, train_cfg.warmup_steps, train_cfg.steps))
                   for o in optimizers.values()]
 
-    log_path = out_dir / "metrics.jsonl"
     log_lines: list[str] = []
     best_metrics: dict[str, float] | None = None
     best_state = None
     best_step = 0
     evals_without_gain = 0
-    started = time.monotonic()
-    bar = tqdm(range(train_cfg.steps), desc=f"train {family.name}", disable=not progress, unit="step",
-               dynamic_ncols=True)
     running: dict[str, float] = {}
+    first_step, spent = 0, 0.0
+    state_path = out_dir / STATE_FILE
+    if resume:
+        if not state_path.exists():
+            raise ResumeError(f"--resume: no {STATE_FILE} in {out_dir}")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        for what, saved, now in (("model config", state["model_config"], dataclasses.asdict(cfg)),
+                                 ("training config", state["train_config"], dataclasses.asdict(train_cfg)),
+                                 ("data", state["data_fingerprint"], data.fingerprint)):
+            if saved != now:
+                raise ResumeError(f"--resume: the {what} differs from the interrupted run's ({saved} != {now})")
+        model.load_state_dict(state["model"])
+        for key, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
+        for sched, saved in zip(schedulers, state["schedulers"]):
+            sched.load_state_dict(saved)
+        first_step, spent = state["step"], state["seconds"]
+        log_lines, running = state["log_lines"], state["running"]
+        best_metrics, best_state, best_step = state["best_metrics"], state["best_state"], state["best_step"]
+        evals_without_gain = state["evals_without_gain"]
+        # The batch streams are seeded generators: replaying them puts them where they were. The
+        # global RNG (dropout, flips, GAN latents) is restored after, as it stood at the save.
+        for _ in islice(data.train_batches, first_step):
+            pass
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_state(step: int) -> None:
+        state = {"step": step, "seconds": spent + time.monotonic() - started,
+                 "model": model.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                 "schedulers": [s.state_dict() for s in schedulers], "torch_rng": torch.get_rng_state(),
+                 "log_lines": log_lines, "running": running, "best_metrics": best_metrics,
+                 "best_state": best_state, "best_step": best_step, "evals_without_gain": evals_without_gain,
+                 "model_config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(train_cfg),
+                 "data_fingerprint": data.fingerprint}
+        atomic_write(state_path, lambda p: torch.save(state, p))
+
+    writer = _tensorboard(out_dir, first_step + 1 if resume else None)
+    started = time.monotonic()
+    last_steps = range(first_step, train_cfg.steps)
+    if stop_after:
+        last_steps = range(first_step, min(train_cfg.steps, first_step + stop_after))
+    bar = tqdm(last_steps, desc=f"train {name}", disable=not progress, unit="step", dynamic_ncols=True,
+               initial=first_step, total=train_cfg.steps)
+    finished = True
+    step = first_step - 1
     for step in bar:
+        governor.poll()
         model.train()
         losses = family.train_step(model, next(data.train_batches), optimizers, train_cfg)
         for s in schedulers:
             s.step()
         running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
+        if (step + 1) % LOG_EVERY == 0:
+            for k, v in losses.items():
+                writer.add_scalar(f"train/{k}", v, step + 1)
+            writer.add_scalar("train/learning_rate", schedulers[0].get_last_lr()[0], step + 1)
+            writer.add_scalar("train/threads", governor.threads, step + 1)
 
         last = step + 1 == train_cfg.steps
         if (step + 1) % train_cfg.eval_every == 0 or last:
             model.eval()
             metrics = family.evaluate(model, data)
-            log_lines.append(json.dumps({"step": step + 1, **running, **metrics}))
-            bar.write(f"[{family.name}] step {step + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            elapsed = spent + time.monotonic() - started
+            log_lines.append(json.dumps({"step": step + 1, "seconds": round(elapsed, 1), **running, **metrics}))
+            for k, v in metrics.items():
+                writer.add_scalar(f"val/{k}", v, step + 1)
+            _write_samples(writer, family, model, data, step + 1)
+            writer.flush()
+            bar.write(f"[{name}] step {step + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             if _improved(family, metrics[family.primary_metric],
                          None if best_metrics is None else best_metrics[family.primary_metric]):
                 best_metrics, best_step, evals_without_gain = metrics, step + 1, 0
@@ -76,25 +157,40 @@ def train(family: Family, cfg, train_cfg, data: Data, profile: str, out_dir: Pat
             else:
                 evals_without_gain += 1
                 if train_cfg.patience and evals_without_gain >= train_cfg.patience:
-                    bar.write(f"[{family.name}] no gain in {evals_without_gain} evaluations: stopping early")
+                    bar.write(f"[{name}] no gain in {evals_without_gain} evaluations: stopping early")
                     break
+            if not last:
+                save_state(step + 1)
+    else:
+        finished = step + 1 >= train_cfg.steps
     bar.close()
+    if not finished:  # stopped by stop_after: keep the exact state, write no checkpoint
+        save_state(step + 1)
+        writer.close()
+        return {"stopped_at": step + 1}
+    writer.close()
     assert best_metrics is not None and best_state is not None
-    atomic_write(log_path, lambda p: p.write_text("\n".join(log_lines) + "\n"))
+    atomic_write(out_dir / "metrics.jsonl", lambda p: p.write_text("\n".join(log_lines) + "\n"))
 
+    model.load_state_dict(best_state)
+    model.eval()
+    train_seconds = round(spent + time.monotonic() - started, 1)
     checkpoint = {
         "family": family.name,
+        "name": name,
         "profile": profile,
         "model_config": dataclasses.asdict(cfg),
         "train_config": dataclasses.asdict(train_cfg),
         "state_dict": best_state,
-        "metrics": {**best_metrics, "best_step": best_step, "train_seconds": round(time.monotonic() - started, 1)},
+        "metrics": {**best_metrics, "best_step": best_step, "train_seconds": train_seconds},
+        "benchmark": family.benchmark(model, data),
+        "thread_changes": governor.changes,
         "heldout_examples": family.heldout_examples(data),
         "data": {"fingerprint": data.fingerprint, "description": data.description, **data.meta},
     }
-    model.load_state_dict(best_state)
-    family.save_extra(model.eval(), data, out_dir)
+    family.save_extra(model, data, out_dir)
     atomic_write(out_dir / CHECKPOINT_FILE, lambda p: torch.save(checkpoint, p))
+    state_path.unlink(missing_ok=True)  # finished: nothing to resume
     return checkpoint
 
 

@@ -22,10 +22,19 @@ def _png(description: str) -> dict:
                     "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
+def _model_field(plane: Any, family: str) -> dict:
+    """The optional ``model`` field of a task route, naming the served models of that task."""
+    names = []
+    for name in plane.repository.names:
+        if plane.repository.versions(name) and plane.repository.contract(name).family == family:
+            names.append(name)
+    return {"type": "string", "description": f"served model to use, as name or name:version (default: {family}); "
+                                             f"served now: {', '.join(names) or 'none'}"}
+
+
 def _image_route(summary: str, fields: dict, responses: dict) -> dict:
     form = {"type": "object", "required": ["image"],
-            "properties": {"image": {"type": "string", "format": "binary", "description": "PNG or JPEG"}, **fields,
-                           "model": {"type": "string", "description": "served model to use (default: the task's)"}}}
+            "properties": {"image": {"type": "string", "format": "binary", "description": "PNG or JPEG"}, **fields}}
     params = [{"name": k, "in": "query", "required": False, "schema": v} for k, v in fields.items()]
     raw = {"schema": {"type": "string", "format": "binary"}}
     return {"post": {"summary": summary, "parameters": params,
@@ -47,25 +56,28 @@ def openapi_document(plane: Any) -> dict:
     if classify:
         paths["/classify"] = _image_route(
             "Classify an image (any size, grayscale or RGB)",
-            {"top_k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5}},
+            {"top_k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
+             "model": _model_field(plane, "classify")},
             {"200": {"description": "top-k predictions", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"model": {"type": "string"}, "predictions": {"type": "array", "items": {
                     "type": "object", "properties": {"label": {"type": "string"}, "class_id": {"type": "integer"},
                                                      "probability": {"type": "number"}}}}}}}}}})
     if "segment" in plane.repository.names:
-        paths["/segment"] = _image_route("Label mask of an image, same width and height", {},
+        paths["/segment"] = _image_route("Label mask of an image, same width and height",
+                                         {"model": _model_field(plane, "segment")},
                                          _png("PNG mask; pixel value = class id"))
     if denoise:
         paths["/denoise"] = _image_route(
             "Denoise an image", {"sigma": {"type": "number", "minimum": 0, "maximum": denoise.limits["max_sigma"],
-                                           "description": "noise level on the 0-255 scale; omitted = blind"}},
+                                           "description": "noise level on the 0-255 scale; omitted = blind"},
+                        "model": _model_field(plane, "denoise")},
             _png("denoised PNG, same size and mode"))
     if sample:
         paths["/sample"] = _json_route("A grid of GAN samples", {"type": "object", "additionalProperties": False, "properties": {
             "n": {"type": "integer", "minimum": 1, "maximum": sample.limits["max_n"], "default": 16},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
             "class_id": {"type": "integer", "minimum": 0, "maximum": len(sample.labels) - 1},
-            "model": {"type": "string"}}}, _png("PNG grid, 8 samples per row; X-Seed holds the seed"))
+            "model": _model_field(plane, "sample")}}, _png("PNG grid, 8 samples per row; X-Seed holds the seed"))
     if generate:
         body = {"type": "object", "additionalProperties": False, "properties": {
             "prompt": {"type": "string", "maxLength": generate.limits["max_prompt_chars"], "default": ""},
@@ -75,7 +87,7 @@ def openapi_document(plane: Any) -> dict:
             "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "default": 1.0},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
             "stop": {"type": "array", "maxItems": 8, "items": {"type": "string", "minLength": 1, "maxLength": 100}},
-            **PENALTIES, "model": {"type": "string"}}}
+            **PENALTIES, "model": _model_field(plane, "generate")}}
         paths["/generate"] = _json_route("Complete a prompt; the same seed gives the same text", body, {"200": {
             "description": "the completion", "content": {"application/json": {"schema": {"type": "object", "properties": {
                 "text": {"type": "string"}, "finish_reason": {"type": "string", "enum": ["length", "stop"]},

@@ -1,4 +1,5 @@
-"""Image classification: LeNet-5, a small VGG and a small ResNet over 28x28 grayscale images."""
+"""Image classification: LeNet-5, an AlexNet-style net, a small VGG and a small ResNet over 28x28
+grayscale images."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from training.family import Data, ExportSpec, Family
 
 @dataclass
 class ClassifyConfig:
-    architecture: str = "lenet5"  # lenet5 | vgg | resnet
+    architecture: str = "lenet5"  # lenet5 | alexnet | vgg | resnet
     image_size: int = 28
     num_classes: int = derived(10)
     width: int = 32  # channels of the first stage (VGG/ResNet); LeNet-5 keeps its classic 6/16
@@ -39,6 +40,31 @@ class LeNet5(nn.Module):
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Dropout(cfg.dropout),
             nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, cfg.num_classes),
+        )
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class AlexNet(nn.Module):
+    """Krizhevsky et al. 2012 at 28x28: five convolutions with ReLU, local response normalisation
+    after the first two (the paper's constants), overlapping 3x3/2 max-pooling, and two wide
+    fully connected layers with dropout 0.5. The 11x11/4 first layer becomes 5x5/1 at this size."""
+
+    def __init__(self, cfg: ClassifyConfig):
+        super().__init__()
+        w = cfg.width
+        lrn = lambda: nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)  # noqa: E731
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 2 * w, 5, padding=2), nn.ReLU(), lrn(), nn.MaxPool2d(3, 2),  # 13x13
+            nn.Conv2d(2 * w, 4 * w, 5, padding=2), nn.ReLU(), lrn(), nn.MaxPool2d(3, 2),  # 6x6
+            nn.Conv2d(4 * w, 6 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(6 * w, 6 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(6 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),  # 2x2
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * w * 2 * 2, 8 * w), nn.ReLU(),
+            nn.Dropout(0.5), nn.Linear(8 * w, 8 * w), nn.ReLU(), nn.Linear(8 * w, cfg.num_classes),
         )
 
     def forward(self, x):
@@ -94,7 +120,7 @@ class ResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-ARCHITECTURES = {"lenet5": LeNet5, "vgg": VGG, "resnet": ResNet}
+ARCHITECTURES = {"lenet5": LeNet5, "alexnet": AlexNet, "vgg": VGG, "resnet": ResNet}
 
 
 class Probabilities(nn.Module):

@@ -126,6 +126,19 @@ def left_padded(rows: list[torch.Tensor], past: int = 0) -> tuple[torch.Tensor, 
     return ids, mask, positions
 
 
+@torch.no_grad()
+def sample_text(model: GPT, tokenizer, prompt: torch.Tensor, new_tokens: int, seed: int = 0) -> str:
+    """``prompt|continuation``: top-k 40 sampling at temperature 0.8, the served defaults' style."""
+    gen = torch.Generator().manual_seed(seed)
+    out = prompt[None]
+    for _ in range(new_tokens):
+        logits = model(out[:, -model.cfg.n_positions:])[:, -1] / 0.8
+        top = logits.topk(min(40, logits.shape[-1]))
+        choice = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
+        out = torch.cat([out, top.indices.gather(1, choice)], dim=1)
+    return tokenizer.decode(prompt.tolist()) + "|" + tokenizer.decode(out[0, len(prompt):].tolist())
+
+
 def cache_names(n_layer: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
@@ -137,12 +150,22 @@ class GenerateFamily(Family):
     primary_metric = "heldout_nats_per_char"
     higher_is_better = False
     floor = 1.7
+    benchmark_columns = {"heldout_nats_per_char": "validation nats/char"}
+    anchors = {"nanoGPT, 10.7M-parameter GPT, GPU": {"heldout_nats_per_char": 1.47},
+               "nanoGPT baby GPT, about 3 min on a laptop CPU": {"heldout_nats_per_char": 1.88}}
+    benchmark_goal = "at most 1.55 nats/char on tiny-shakespeare's last 10 %"
     graph_version = 3  # 3: attention_mask + per-row positions in; last-position logits and new keys/values out
     profiles = {
         "quick": {"train": {"steps": 150, "eval_every": 75, "lr": 3e-3, "batch_size": 8, "warmup_steps": 5},
                   "model": {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_positions": 128}},
         "standard": {"train": {"steps": 500, "eval_every": 125, "lr": 2e-3, "batch_size": 16, "warmup_steps": 50,
                                "weight_decay": 0.1}, "model": {}},
+        # tiny-shakespeare, last 10 % as validation (nanoGPT's split): about 40 minutes here.
+        "benchmark": {"name": "generate-shakespeare", "data": "text/tinyshakespeare.txt",
+                      "train": {"steps": 1250, "eval_every": 125, "lr": 1e-3, "batch_size": 32, "warmup_steps": 60,
+                                "weight_decay": 0.1},
+                      "model": {"vocab_size": 2048, "n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 128,
+                                "dropout": 0.2}},
     }
 
     def build(self, cfg: GenerateConfig) -> nn.Module:
@@ -190,6 +213,21 @@ class GenerateFamily(Family):
             n_tokens += w.shape[1] - 1
         return {"heldout_nats_per_char": total_nll / n_chars, "heldout_nats_per_token": total_nll / n_tokens,
                 "heldout_perplexity_per_token": math.exp(min(50.0, total_nll / n_tokens))}
+
+    @torch.no_grad()
+    def tensorboard_samples(self, model: GPT, data: Data) -> dict:
+        ids, _ = data.heldout
+        text = sample_text(model, data.extra["tokenizer"], ids[:16], 80)
+        # Markdown: TensorBoard's text plugin renders it; a code block keeps the line breaks.
+        return {"samples/generated": f"```\n{text}\n```"}
+
+    def report_figures(self, model: GPT, checkpoint: dict, ckpt_dir: Path) -> dict:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(ckpt_dir / TOKENIZER_FILE))
+        (prompt,) = checkpoint["heldout_examples"][0]
+        return {"Generated from a held-out prompt (prompt|continuation; top-k 40, temperature 0.8, seed 0)":
+                sample_text(model, tokenizer, prompt[0, :16], 200)}
 
     def save_extra(self, model: GPT, data: Data, out_dir: Path) -> None:
         from training.artifacts import atomic_write

@@ -147,6 +147,23 @@ class SampleFamily(Family):
         return {"class_agreement": float((predicted == class_id).float().mean()),
                 "diversity": spread / data.meta["real_spread"]}  # 1.0 = as varied as the real digits
 
+    @torch.no_grad()
+    def report_figures(self, model: GAN, checkpoint: dict, ckpt_dir: Path) -> dict:
+        return {"Eight samples per class, one class per row": self._grid(model).numpy()}
+
+    def tensorboard_samples(self, model: GAN, data: Data) -> dict:
+        return {"samples/per_class": self._grid(model)[None, None]}
+
+    @staticmethod
+    @torch.no_grad()
+    def _grid(model: GAN, per_class: int = 8) -> torch.Tensor:
+        cfg = model.cfg
+        gen = torch.Generator().manual_seed(0)
+        class_id = torch.arange(cfg.num_classes).repeat_interleave(per_class)
+        images = model.generator(torch.randn(len(class_id), cfg.latent_dim, generator=gen), class_id)[:, 0]
+        rows = images.view(cfg.num_classes, per_class, cfg.image_size, cfg.image_size)
+        return torch.cat([torch.cat(list(row), dim=-1) for row in rows], dim=-2)
+
     def heldout_examples(self, data: Data):
         return []  # a generator has no held-out inputs: export draws fresh latents (see export_spec)
 

@@ -149,6 +149,25 @@ class SegmentFamily(Family):
         pred = torch.cat([model(chunk).argmax(1) for chunk in x.split(64)])
         return {"mean_iou": mean_iou(pred, y, int(y.max()) + 1), "pixel_accuracy": float((pred == y).float().mean())}
 
+    @torch.no_grad()
+    def report_figures(self, model, checkpoint: dict, ckpt_dir: Path) -> dict:
+        images = torch.cat([x for (x,) in checkpoint["heldout_examples"]])[:4]
+        masks = model(images).argmax(1)
+        palette = torch.tensor(np.random.default_rng(3).uniform(0.1, 1.0, (max(int(masks.max()) + 1, 12), 3)),
+                               dtype=torch.float32)
+        overlay = 0.5 * images + 0.5 * palette[masks].permute(0, 3, 1, 2)
+        grid = torch.cat([torch.cat(list(images), dim=-1), torch.cat(list(overlay), dim=-1)], dim=-2)
+        labels = ", ".join(checkpoint["data"]["labels"])
+        return {f"Held-out images and their predicted masks over them (classes: {labels})":
+                grid.permute(1, 2, 0).numpy()}
+
+    def tensorboard_samples(self, model, data: Data) -> dict:
+        x, y = data.heldout
+        pred = model(x[:4]).argmax(1)
+        scale = float(max(int(y.max()), 1))
+        return {"samples/images": x[:4], "samples/predicted_mask": pred[:, None].float() / scale,
+                "samples/true_mask": y[:4, None].float() / scale}
+
     def heldout_examples(self, data: Data):
         x, _ = data.heldout
         return [(x[:1],), (x[1:5],)]

@@ -1,0 +1,149 @@
+"""python -m training report [family ...] [--out reports/training]
+
+A Markdown report of every trained model under the artifacts folder (the defaults and the
+benchmark models): learning curves from ``metrics.jsonl``, the family's figures (denoised crops,
+masks over images, generated text, the GAN's grid per class) and the benchmark table beside the
+published figures. Needs only the checkpoints: a fresh clone with quick models can run it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.artifacts import CHECKPOINT_FILE, REPO_ROOT, artifacts_root
+
+DEFAULT_OUT = REPO_ROOT / "reports" / "training"
+
+
+def _curves(rows: list[dict], family, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k not in ("step", "seconds") and all(isinstance(r.get(k), (int, float)) for r in rows)]
+    losses = [k for k in keys if "loss" in k]
+    figures = [k for k in keys if k not in losses]
+    panels = [(losses, "training loss (running mean)")] if losses else []
+    panels += [([k], k) for k in figures]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    # Minutes of training on the x axis where the log has them: what a figure cost to reach.
+    timed = all("seconds" in r for r in rows)
+    xs = [r["seconds"] / 60 for r in rows] if timed else [r["step"] for r in rows]
+    for ax, (names, label) in zip(axes[0], panels):
+        for k in names:
+            ax.plot(xs, [r[k] for r in rows], marker="o", markersize=3, label=k)
+        ax.set_xlabel("training minutes" if timed else "step")
+        ax.set_title(label, fontsize=9)
+        if k == family.primary_metric:
+            ax.set_title(label + " (picks the model)", fontsize=9)
+        if len(names) > 1:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _save_image(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    pixels = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def benchmark_table(family, checkpoint: dict | None, name: str) -> list[str]:
+    """Markdown rows: the published anchors, then this suite's benchmark model (or why not)."""
+    columns = family.benchmark_columns
+    lines = [f"| {family.name} | " + " | ".join(columns.values()) + " | training |",
+             "| --- |" + " --- |" * (len(columns) + 1)]
+    for method, figures in family.anchors.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(figures.get(k, "")) for k in columns) + " | |")
+    if checkpoint is None:
+        lines.append(f"| **{name}** (this suite) | " + " | ".join("not trained" for _ in columns) + " | |")
+    else:
+        found = {**checkpoint["metrics"], **checkpoint.get("benchmark", {})}
+        minutes = checkpoint["metrics"].get("train_seconds", 0) / 60
+        lines.append(f"| **{name}** (this suite) | " + " | ".join(f"**{_fmt(found.get(k, '-'))}**" for k in columns)
+                     + f" | {minutes:.1f} min, 2 CPU cores |")
+    if family.benchmark_goal:
+        lines.append("")
+        lines.append(f"Goal: {family.benchmark_goal}")
+    return lines
+
+
+def write_report(families: list[str] | None = None, out: Path = DEFAULT_OUT, artifacts: Path | None = None) -> Path:
+    from training.__main__ import model_name
+    from training.loop import load_checkpoint
+    from training.registry import FAMILIES, get
+
+    artifacts = artifacts or artifacts_root()
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = families or list(FAMILIES)
+    lines = ["# Training report", "",
+             f"Every trained model under `{artifacts}`; written by `python -m training report`.", ""]
+    benchmark_lines: list[str] = []
+    for family_name in wanted:
+        family = get(family_name)
+        names = [family.name] + ([model_name(family, "benchmark")] if "benchmark" in family.profiles else [])
+        benchmark_checkpoint = None
+        for name in names:
+            ckpt_dir = artifacts / name
+            if not (ckpt_dir / CHECKPOINT_FILE).exists():
+                continue
+            model, _, checkpoint = load_checkpoint(family, ckpt_dir)
+            if name != family.name:
+                benchmark_checkpoint = checkpoint
+            lines += [f"## {name}", "",
+                      f"{family.task}, {checkpoint['profile']} profile, data: {checkpoint['data']['description']}.", ""]
+            metrics = checkpoint["metrics"]
+            lines.append("| figure | value |")
+            lines.append("| --- | --- |")
+            for k, v in {**metrics, **checkpoint.get("benchmark", {})}.items():
+                lines.append(f"| {k} | {_fmt(v)} |")
+            lines.append("")
+            log = ckpt_dir / "metrics.jsonl"
+            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+            if rows:
+                _curves(rows, family, f"{name}: evaluations during training", out / f"{name}-curves.png")
+                lines += [f"![{name} learning curves]({name}-curves.png)", ""]
+            for i, (title, figure) in enumerate(family.report_figures(model, checkpoint, ckpt_dir).items()):
+                if isinstance(figure, str):
+                    lines += [f"**{title}**", "", "```", figure, "```", ""]
+                else:
+                    file = f"{name}-figure{i}.png"
+                    _save_image(figure, out / file)
+                    lines += [f"**{title}**", "", f"![{title}]({file})", ""]
+        if "benchmark" in family.profiles:
+            benchmark_lines += benchmark_table(family, benchmark_checkpoint, model_name(family, "benchmark")) + [""]
+    if benchmark_lines:
+        lines += ["## Benchmarks beside the published figures", "", *benchmark_lines]
+    report = out / "README.md"
+    tmp = report.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.registry import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="python -m training report", description=__doc__.split("\n\n")[1])
+    parser.add_argument("families", nargs="*", metavar="family", help=f"any of {', '.join(FAMILIES)} (default: all)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for README.md and the PNGs")
+    args = parser.parse_args(argv)
+    unknown = [f for f in args.families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+    print(write_report(args.families or None, args.out))
+    return 0

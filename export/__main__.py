@@ -29,7 +29,7 @@ def in_store(name: str, graph_version: int = 1) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.registry import FAMILIES, get
+    from training.registry import FAMILIES
 
     parser = argparse.ArgumentParser(
         prog="python -m export",
@@ -49,15 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from export.onnx_export import export_onnx, save_to_store
-    from training.__main__ import model_name, run
+    from training.__main__ import families_with, model_name, run
 
     default_profile = "standard" if args.profile == "benchmark" else args.profile
-    families = list(FAMILIES) if args.family == "all" else [args.family]
-    for family_name in families:
-        family = get(family_name)
-        if args.profile not in family.profiles:
-            print(f"[{family_name}] has no {args.profile} model: skipped")
-            continue
+    for family in families_with(args.family, args.profile):
+        family_name = family.name
         name = model_name(family, args.profile)
         if args.build_missing:
             if in_store(name, family.graph_version):

@@ -20,6 +20,21 @@ def model_name(family, profile: str) -> str:
     return family.profiles.get(profile, {}).get("name", family.name)
 
 
+def families_with(family_arg: str, profile: str) -> list:
+    """The families ``family_arg`` names (one, or every one for "all") that have ``profile``;
+    says which are skipped."""
+    from training.registry import FAMILIES, get
+
+    chosen = []
+    for name in (list(FAMILIES) if family_arg == "all" else [family_arg]):
+        family = get(name)
+        if profile in family.profiles:
+            chosen.append(family)
+        else:
+            print(f"[{name}] has no {profile} profile: skipped")
+    return chosen
+
+
 def resolve_data(family, profile: str, data: Path | None) -> Path | None:
     """The benchmark profiles name their data set under the shared data folder; ``--data`` may be
     that folder, the data set itself, or anything else in the family's accepted layouts."""
@@ -58,7 +73,7 @@ def run(family_name: str, profile: str = "standard", data: Path | None = None, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.registry import FAMILIES, get
+    from training.registry import FAMILIES
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
@@ -91,13 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.epilog = "Model flags are listed by `python -m training <family> --help`."
     args = parser.parse_args(argv)
 
-    names = list(FAMILIES) if args.family == "all" else [args.family]
     below_floor = []
-    for name in names:
-        family = get(name)
-        if args.profile not in family.profiles:
-            print(f"[{name}] has no {args.profile} profile: skipped")
-            continue
+    for family in families_with(args.family, args.profile):
+        name = family.name
         model_overrides = overrides_from_args(args, family.config_cls)
         metrics = run(name, args.profile, args.data, overrides_from_args(args, TrainConfig), model_overrides,
                       args.out, resume=args.resume, stop_after=args.stop_after)

@@ -58,6 +58,13 @@ def _with_level(noisy, noise_level):
     return torch.cat([noisy, level.clamp(min=0), known], dim=1)
 
 
+def _padded_input(noisy, noise_level, multiple: int):
+    """``_with_level``, padded by reflection to a multiple of ``multiple`` on each side (inside the
+    graph, so any size goes in; the caller crops back)."""
+    h, w = noisy.shape[-2:]
+    return F.pad(_with_level(noisy, noise_level), (0, (-w) % multiple, 0, (-h) % multiple), mode="reflect")
+
+
 class ConvDenoisingAutoencoder(nn.Module):
     """The classic convolutional denoising autoencoder (Vincent et al. 2008, convolutional as in
     Masci et al. 2011): strided convolutions squeeze the noisy image into a code at 1/2**depth of
@@ -84,9 +91,7 @@ class ConvDenoisingAutoencoder(nn.Module):
 
     def forward(self, noisy, noise_level):
         h, w = noisy.shape[-2:]
-        pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
-        x = F.pad(_with_level(noisy, noise_level), (0, pad_w, 0, pad_h), mode="reflect")
-        return self.decoder(self.encoder(x))[..., :h, :w]
+        return self.decoder(self.encoder(_padded_input(noisy, noise_level, self.multiple)))[..., :h, :w]
 
 
 class UNetDenoiser(nn.Module):
@@ -102,9 +107,7 @@ class UNetDenoiser(nn.Module):
 
     def forward(self, noisy, noise_level):
         h, w = noisy.shape[-2:]
-        pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
-        x = F.pad(_with_level(noisy, noise_level), (0, pad_w, 0, pad_h), mode="reflect")
-        return (noisy - self.body(x)[..., :h, :w]).clamp(0, 1)
+        return (noisy - self.body(_padded_input(noisy, noise_level, self.multiple))[..., :h, :w]).clamp(0, 1)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -193,3 +193,35 @@ def load_text(data_path: Path | None) -> tuple[str, str, str]:
         text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
         desc = f"{len(files)} text file(s) under {data_path} ({len(text)} characters)"
     return text, fingerprint(text.encode()), desc
+
+
+# --- road scenes (segment) ----------------------------------------------------------------------------
+
+CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+                  "Bicyclist"]
+CAMVID_UNLABELLED = 11  # the label PNGs' "Unlabelled" id: ignored by the loss and the IoU
+
+
+def _camvid_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for png in sorted((root / split).glob("*.png")):
+        annot = root / f"{split}annot" / png.name
+        if not annot.exists():
+            raise FileNotFoundError(f"{png}: no label image {annot}")
+        images.append(np.asarray(Image.open(png).convert("RGB"), np.float32) / 255.0)
+        labels.append(np.asarray(Image.open(annot), np.uint8))
+    if not images:
+        raise FileNotFoundError(f"{root / split}: no PNG images")
+    return np.stack(images), np.stack(labels)
+
+
+def load_camvid(root: Path):
+    """The SegNet tutorial's CamVid layout: ``train/``, ``trainannot/``, ``val/``, ``valannot/`` (label
+    PNG pixel = class id, 11 = unlabelled). -> (train images (N, H, W, 3) in [0, 1], train labels
+    (N, H, W), val images, val labels, fingerprint, description)."""
+    x_train, y_train = _camvid_split(root, "train")
+    x_val, y_val = _camvid_split(root, "val")
+    fp = fingerprint(x_train.tobytes(), y_train.tobytes(), x_val.tobytes(), y_val.tobytes())
+    h, w = x_train.shape[1:3]
+    desc = f"CamVid under {root} ({len(x_train)} train, {len(x_val)} val, {w}x{h}, 11 classes)"
+    return x_train, y_train, x_val, y_val, fp, desc

@@ -20,6 +20,7 @@ class TrainConfig:
     warmup_steps: int = 50
     eval_every: int = 200
     patience: int = 0  # evaluations without improvement before stopping early; 0 = never stop early
+    select_by: str = ""  # held-out figure that picks the best state; "" = the family's primary metric
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default

@@ -46,10 +46,12 @@ class Family:
     task: str = ""
     config_cls: type = object  # model hyper-parameters (a dataclass)
     # profile -> {"train": {...}, "model": {...}}; the benchmark profile also names its model
-    # ("name": its store name, beside the default one) and its data under ../shared/data ("data").
+    # ("name": its store name, beside the default one) and its data under ../shared/data ("data"; None:
+    # the packaged data).
     profiles: dict[str, dict[str, Any]] = {}
     primary_metric: str = ""  # the quality figure checked against the floor
-    higher_is_better: bool = True
+    higher_is_better: bool = True  # of the primary metric
+    lower_is_better: tuple[str, ...] = ()  # other held-out figures where less is better (for select_by)
     floor: float = 0.0  # quality floor of the standard profile
     requires: tuple[str, ...] = ()  # families whose checkpoints this one needs (the GAN's judge)
     # The benchmark table of the report: figure key -> column label; published figures per method

@@ -32,10 +32,11 @@ def _schedule(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _improved(family: Family, value: float, best: float | None) -> bool:
+def _improved(family: Family, metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
-    return value > best if family.higher_is_better else value < best
+    higher = family.higher_is_better if metric == family.primary_metric else metric not in family.lower_is_better
+    return value > best if higher else value < best
 
 
 class ResumeError(RuntimeError):
@@ -68,6 +69,7 @@ def train(family: Family, cfg, train_cfg, data: Data, profile: str, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train_cfg.seed)
     governor = ThreadGovernor(train_cfg.threads)
+    select_by = train_cfg.select_by or family.primary_metric
 
     model = family.build(cfg)
     optimizers = family.optimizers(model, train_cfg)
@@ -150,8 +152,7 @@ def train(family: Family, cfg, train_cfg, data: Data, profile: str, out_dir: Pat
             _write_samples(writer, family, model, data, step + 1)
             writer.flush()
             bar.write(f"[{name}] step {step + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if _improved(family, metrics[family.primary_metric],
-                         None if best_metrics is None else best_metrics[family.primary_metric]):
+            if _improved(family, select_by, metrics[select_by], None if best_metrics is None else best_metrics[select_by]):
                 best_metrics, best_step, evals_without_gain = metrics, step + 1, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:

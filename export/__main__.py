@@ -1,4 +1,4 @@
-"""python -m export <family|all> [--build-missing] [--profile standard|quick|benchmark] [--data PATH] [--no-store]"""
+"""python -m export <family|all> [--build-missing] [--profile standard|quick|benchmark] [--name NAME] [--data PATH] [--no-store]"""
 
 from __future__ import annotations
 
@@ -44,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
                              "its benchmark model, stored under its own name")
     parser.add_argument("--data", type=Path, default=None,
                         help="with --build-missing --profile benchmark: the benchmark data folder (../shared/data)")
+    parser.add_argument("--name", default=None,
+                        help="the model trained with `python -m training <family> --name NAME` (artifacts/NAME)")
     parser.add_argument("--no-store", action="store_true", help="write the .onnx file only")
     args = parser.parse_args(argv)
+    if args.name and args.family == "all":
+        parser.error("--name names one model: give a family, not all")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from export.onnx_export import export_onnx, save_to_store
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     default_profile = "standard" if args.profile == "benchmark" else args.profile
     for family in families_with(args.family, args.profile):
         family_name = family.name
-        name = model_name(family, args.profile)
+        name = model_name(family, args.profile, args.name)
         if args.build_missing:
             if in_store(name, family.graph_version):
                 print(f"[{name}] in the model store: reused")
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         run(needed, default_profile)
                 print(f"[{name}] no checkpoint: training ({args.profile} profile)")
                 started = time.monotonic()
-                run(family_name, args.profile, args.data)
+                run(family_name, args.profile, args.data, name=name)
                 print(f"[{name}] trained in {(time.monotonic() - started) / 60:.1f} min")
         result = export_onnx(family, family_dir(name))
         line = f"[{name}] {result.onnx_path} parity max abs diff {result.parity_max_abs_diff:.2e}"

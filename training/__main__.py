@@ -1,10 +1,11 @@
-"""python -m training <family|all> [--profile quick|standard|benchmark] [--data PATH] [--resume] [--<field> VALUE ...]
+"""python -m training <family|all> [--profile quick|standard|benchmark] [--data PATH] [--name NAME] [--resume] [--<field> VALUE ...]
 python -m training report [family ...]"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,11 +13,17 @@ from training.artifacts import REPO_ROOT
 from training.config import TrainConfig, add_dataclass_arguments, build, overrides_from_args
 
 PROFILES = ("quick", "standard", "benchmark")
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # a BentoML model name, as services/config.py checks it
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # the benchmark data sets (never committed here)
 
 
-def model_name(family, profile: str) -> str:
-    """The store name of a family's model trained with ``profile``: benchmark models keep their own."""
+def model_name(family, profile: str, name: str | None = None) -> str:
+    """The store name of a family's model trained with ``profile``: benchmark models keep their own,
+    and ``--name`` gives any other (an AlexNet beside the default LeNet-5)."""
+    if name:
+        if not MODEL_NAME.fullmatch(name):
+            raise ValueError(f"--name {name!r}: lower-case letters, digits, ., _ and -, at most 63")
+        return name
     return family.profiles.get(profile, {}).get("name", family.name)
 
 
@@ -38,7 +45,10 @@ def families_with(family_arg: str, profile: str) -> list:
 def resolve_data(family, profile: str, data: Path | None) -> Path | None:
     """The benchmark profiles name their data set under the shared data folder; ``--data`` may be
     that folder, the data set itself, or anything else in the family's accepted layouts."""
-    subpath = family.profiles[profile].get("data")
+    layers = family.profiles[profile]
+    if "data" in layers and layers["data"] is None:
+        return None  # a benchmark on the packaged data (the digits): the shared folder plays no part
+    subpath = layers.get("data")
     if subpath is None:
         return data
     root = data if data is not None else SHARED_DATA
@@ -64,7 +74,7 @@ def run(family_name: str, profile: str = "standard", data: Path | None = None, t
     train_cfg = build(TrainConfig, layers.get("train", {}), train_overrides or {})
     cfg = build(family.config_cls, layers.get("model", {}), model_overrides or {})
     data_set = family.load_data(cfg, train_cfg, resolve_data(family, profile, data), train_cfg.seed)
-    name = name or model_name(family, profile)
+    name = model_name(family, profile, name)
     checkpoint = train(family, cfg, train_cfg, data_set, profile, out_dir=out_dir or family_dir(name),
                        progress=progress, resume=resume, stop_after=stop_after, name=name)
     if "stopped_at" in checkpoint:
@@ -94,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None,
                         help="train on this data instead of the bundled default (see README for layouts)")
     parser.add_argument("--out", type=Path, default=None, help="checkpoint folder (default artifacts/<model>)")
+    parser.add_argument("--name", default=None,
+                        help="the model's name (its artifacts/ folder and store name), to keep it beside the default "
+                             "one: e.g. classify-alexnet")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run from its train_state.pt (same configuration)")
     parser.add_argument("--stop-after", type=int, default=0, metavar="STEPS",
@@ -106,21 +119,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.epilog = "Model flags are listed by `python -m training <family> --help`."
     args = parser.parse_args(argv)
 
+    if args.name and args.family == "all":
+        parser.error("--name names one model: give a family, not all")
     below_floor = []
     for family in families_with(args.family, args.profile):
         name = family.name
         model_overrides = overrides_from_args(args, family.config_cls)
         metrics = run(name, args.profile, args.data, overrides_from_args(args, TrainConfig), model_overrides,
-                      args.out, resume=args.resume, stop_after=args.stop_after)
+                      args.out, resume=args.resume, stop_after=args.stop_after, name=args.name)
         if "stopped_at" in metrics:
             print(f"[{name}] stopped after step {metrics['stopped_at']}: continue with --resume")
             continue
         value = metrics[family.primary_metric]
         meets = value >= family.floor if family.higher_is_better else value <= family.floor
-        verdict = "meets" if meets else "BELOW"
-        print(f"[{name}] {family.primary_metric} = {value:.4f} ({verdict} the standard floor "
-              f"{'>=' if family.higher_is_better else '<='} {family.floor})")
-        print(json.dumps({"family": name, "model": model_name(family, args.profile), "profile": args.profile,
+        if args.profile == "standard":  # the floors are the standard models'; other data, other figures
+            verdict = "meets" if meets else "BELOW"
+            print(f"[{name}] {family.primary_metric} = {value:.4f} ({verdict} the standard floor "
+                  f"{'>=' if family.higher_is_better else '<='} {family.floor})")
+        else:
+            print(f"[{name}] {family.primary_metric} = {value:.4f}")
+        print(json.dumps({"family": name, "model": model_name(family, args.profile, args.name), "profile": args.profile,
                           **metrics}))
         if args.profile == "standard" and not meets:
             below_floor.append(name)

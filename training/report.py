@@ -18,7 +18,7 @@ from training.artifacts import CHECKPOINT_FILE, REPO_ROOT, artifacts_root
 DEFAULT_OUT = REPO_ROOT / "reports" / "training"
 
 
-def _curves(rows: list[dict], family, title: str, path: Path) -> None:
+def _curves(rows: list[dict], select_by: str, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no screen
@@ -38,7 +38,7 @@ def _curves(rows: list[dict], family, title: str, path: Path) -> None:
             ax.plot(xs, [r[k] for r in rows], marker="o", markersize=3, label=k)
         ax.set_xlabel("training minutes" if timed else "step")
         ax.set_title(label, fontsize=9)
-        if k == family.primary_metric:
+        if k == select_by:
             ax.set_title(label + " (picks the model)", fontsize=9)
         if len(names) > 1:
             ax.legend(fontsize=7)
@@ -82,6 +82,23 @@ def benchmark_table(family, checkpoint: dict | None, name: str) -> list[str]:
     return lines
 
 
+def _trained_models(artifacts: Path) -> dict[str, str]:
+    """Every trained model under ``artifacts``: its name (folder) -> its family."""
+    import torch
+
+    if not artifacts.is_dir():
+        return {}
+    return {d.name: torch.load(d / CHECKPOINT_FILE, map_location="cpu", weights_only=False).get("family", d.name)
+            for d in sorted(artifacts.iterdir()) if (d / CHECKPOINT_FILE).exists()}
+
+
+def _model_names(trained: dict[str, str], family, benchmark_name: str | None) -> list[str]:
+    """The family's trained models: its default, its benchmark model, then any other trained under
+    its own name (``--name classify-alexnet``), by name."""
+    first = [n for n in (family.name, benchmark_name) if trained.get(n) == family.name]
+    return first + [n for n, f in trained.items() if f == family.name and n not in first]
+
+
 def write_report(families: list[str] | None = None, out: Path = DEFAULT_OUT, artifacts: Path | None = None) -> Path:
     from training.__main__ import model_name
     from training.loop import load_checkpoint
@@ -93,16 +110,15 @@ def write_report(families: list[str] | None = None, out: Path = DEFAULT_OUT, art
     lines = ["# Training report", "",
              f"Every trained model under `{artifacts}`; written by `python -m training report`.", ""]
     benchmark_lines: list[str] = []
+    trained = _trained_models(artifacts)
     for family_name in wanted:
         family = get(family_name)
-        names = [family.name] + ([model_name(family, "benchmark")] if "benchmark" in family.profiles else [])
+        benchmark_name = model_name(family, "benchmark") if "benchmark" in family.profiles else None
         benchmark_checkpoint = None
-        for name in names:
+        for name in _model_names(trained, family, benchmark_name):
             ckpt_dir = artifacts / name
-            if not (ckpt_dir / CHECKPOINT_FILE).exists():
-                continue
             model, _, checkpoint = load_checkpoint(family, ckpt_dir)
-            if name != family.name:
+            if name == benchmark_name:
                 benchmark_checkpoint = checkpoint
             lines += [f"## {name}", "",
                       f"{family.task}, {checkpoint['profile']} profile, data: {checkpoint['data']['description']}.", ""]
@@ -115,7 +131,8 @@ def write_report(families: list[str] | None = None, out: Path = DEFAULT_OUT, art
             log = ckpt_dir / "metrics.jsonl"
             rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
             if rows:
-                _curves(rows, family, f"{name}: evaluations during training", out / f"{name}-curves.png")
+                select_by = checkpoint["train_config"].get("select_by") or family.primary_metric
+                _curves(rows, select_by, f"{name}: evaluations during training", out / f"{name}-curves.png")
                 lines += [f"![{name} learning curves]({name}-curves.png)", ""]
             for i, (title, figure) in enumerate(family.report_figures(model, checkpoint, ckpt_dir).items()):
                 if isinstance(figure, str):

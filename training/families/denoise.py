@@ -252,7 +252,26 @@ class DenoiseFamily(Family):
             rows.append(torch.cat([noisy, out, clean], dim=-1)[0, 0])
             title.append(f"σ={sigma:g}: {psnr(noisy, clean):.1f} -> {psnr(out, clean):.1f} dB")
         return {"Noisy | denoised | clean, one row per noise level (" + "; ".join(title) + ")":
-                torch.cat(rows, dim=0).numpy()}
+                torch.cat(rows, dim=0).numpy(),
+                "PSNR (dB) on the held-out photos": self._heldout_table(model)}
+
+    @torch.no_grad()
+    def _heldout_table(self, model) -> str:
+        """Mean PSNR over the packaged held-out photos (256 x 256 centre crops) at each benchmark
+        sigma, noise seed 0, clipped to [0, 1] like a PNG upload: the same figures for every
+        denoise model, whatever it was trained on, so architectures compare on one table."""
+        from training.data import HELDOUT_PHOTOS, _skimage_photo
+
+        crops = [torch.from_numpy(_center_crop(_skimage_photo(n), 256).copy())[None, None] for n in HELDOUT_PHOTOS]
+        lines = [f"photos: {', '.join(HELDOUT_PHOTOS)}", f"{'sigma':>6} {'noisy':>7} {'given':>7} {'blind':>7}"]
+        for sigma in self.benchmark_sigmas:
+            gen = torch.Generator().manual_seed(0)
+            noisy = [(c + torch.randn(c.shape, generator=gen) * sigma / 255).clamp(0, 1) for c in crops]
+            row = [np.mean([psnr(n, c) for n, c in zip(noisy, crops)])]
+            for level in (sigma / 255, BLIND):
+                row.append(np.mean([psnr(model(n, torch.full((1, 1), level)), c) for n, c in zip(noisy, crops)]))
+            lines.append(f"{sigma:>6g} " + " ".join(f"{v:>7.2f}" for v in row))
+        return "\n".join(lines)
 
     def heldout_examples(self, data: Data):
         _, noisy = data.heldout

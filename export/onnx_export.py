@@ -22,7 +22,10 @@ from training.family import Family
 from training.loop import load_checkpoint
 
 log = logging.getLogger(__name__)
-PARITY_TOLERANCE = 1e-4  # max abs difference allowed between ONNX Runtime and PyTorch, fp32
+# Max abs difference allowed between ONNX Runtime and PyTorch, fp32; for integer outputs (argmax
+# decisions such as a mask) the share of elements that differ, since a near-tie (a 1e-7 logit
+# margin, seen on CamVid) may fall either way.
+PARITY_TOLERANCE = 1e-4
 
 
 class ParityError(RuntimeError):
@@ -46,8 +49,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 def parity(session: ort.InferenceSession, module: torch.nn.Module, inputs: list[tuple[torch.Tensor, ...]],
            input_names: list[str], references: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = ()) -> float:
     """Max abs difference over every output of every held-out input against PyTorch on the same
-    input, and against each reference's expected outputs where those are not NaN (integer outputs
-    must match)."""
+    input, and against each reference's expected outputs where those are not NaN; for integer
+    outputs, the share of elements that differ."""
     pairs = []
     for example in inputs:
         with torch.no_grad():
@@ -57,9 +60,13 @@ def parity(session: ort.InferenceSession, module: torch.nn.Module, inputs: list[
     for example, expected in [*pairs, *references]:
         got = session.run(None, {n: _to_numpy(t) for n, t in zip(input_names, example)})
         for e, g in zip(expected, got):
-            e = _to_numpy(e).astype(np.float64)
+            e = _to_numpy(e)
             if e.shape != g.shape:
                 raise ParityError(f"output shape {g.shape} from ONNX Runtime, {e.shape} expected")
+            if np.issubdtype(e.dtype, np.integer):
+                worst = max(worst, float(np.mean(e != g)) if e.size else 0.0)
+                continue
+            e = e.astype(np.float64)
             compared = ~np.isnan(e)
             if compared.any():
                 worst = max(worst, float(np.max(np.abs(e[compared] - g.astype(np.float64)[compared]))))

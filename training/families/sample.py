@@ -149,9 +149,13 @@ class SampleFamily(Family):
                      "model": {}},  # GAN quality peaks then drifts: keep the best, stop early
         # The goals on the packaged digits (no shared data): picked by the Fréchet ratio.
         "benchmark": {"name": "sample-digits", "data": None,
-                      "train": {"steps": 3000, "eval_every": 250, "lr": 2e-4, "warmup_steps": 50,
+                      "train": {"steps": 1000, "eval_every": 100, "lr": 2e-4, "warmup_steps": 50,
                                 "select_by": "frechet_ratio"},
-                      "model": {"discriminator": "projection", "mode_seeking": 1.0, "eval_per_class": 90}},
+                      # Trials here (README): projection never learned the classes (agreement 0.33 at lr
+                      # 1e-3, 0.20 at 2e-4); AC-GAN alone collapsed (diversity 0.20); mode seeking 0.2 gave
+                      # diversity 1.0 at agreement 0.81; 0.05 is the balance. Agreement peaks early and then
+                      # drifts down (0.50 after 3,000 steps), hence the short run and the pick by Fréchet.
+                      "model": {"discriminator": "auxiliary-classifier", "mode_seeking": 0.05, "eval_per_class": 90}},
     }
     benchmark_columns = {"class_agreement": "class agreement", "diversity": "diversity (real = 1)",
                          "frechet_ratio": "Fréchet distance / real-vs-real"}

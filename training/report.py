@@ -88,7 +88,9 @@ def _trained_models(artifacts: Path) -> dict[str, str]:
 
     if not artifacts.is_dir():
         return {}
-    return {d.name: torch.load(d / CHECKPOINT_FILE, map_location="cpu", weights_only=False).get("family", d.name)
+    # mmap: only the family field is read here; the tensors are loaded once, by load_checkpoint
+    return {d.name: torch.load(d / CHECKPOINT_FILE, map_location="cpu", weights_only=False,
+                               mmap=True).get("family", d.name)
             for d in sorted(artifacts.iterdir()) if (d / CHECKPOINT_FILE).exists()}
 
 

@@ -115,6 +115,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def seeded_noisy(images: list[torch.Tensor], sigma: float, clip: bool) -> list[torch.Tensor]:
+    """Gaussian noise of ``sigma`` (0-255 scale) on each image, one generator seeded 0 per call,
+    so every model is measured on the same noisy images."""
+    gen = torch.Generator().manual_seed(0)
+    noisy = [x + torch.randn(x.shape, generator=gen) * sigma / 255 for x in images]
+    return [n.clamp(0, 1) for n in noisy] if clip else noisy
+
+
 def _center_crop(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
@@ -214,14 +222,13 @@ class DenoiseFamily(Family):
             return {}
         figures: dict[str, float] = {}
 
+        cleans = [torch.from_numpy(clean)[None, None] for clean in test.values()]
+
         def run(sigma: float, level: float, png: bool) -> float:
-            gen = torch.Generator().manual_seed(0)
             values = []
-            for clean in test.values():
-                x = torch.from_numpy(clean)[None, None]
-                noisy = x + torch.randn(x.shape, generator=gen) * sigma / 255
+            for noisy, x in zip(seeded_noisy(cleans, sigma, clip=png), cleans):
                 if png:
-                    noisy = (noisy.clamp(0, 1) * 255).round() / 255
+                    noisy = (noisy * 255).round() / 255
                 out = (model(noisy, torch.full((1, 1), level)) * 255).round() / 255
                 values.append(psnr(out, x))
             return float(np.mean(values))
@@ -265,8 +272,7 @@ class DenoiseFamily(Family):
         crops = [torch.from_numpy(_center_crop(_skimage_photo(n), 256).copy())[None, None] for n in HELDOUT_PHOTOS]
         lines = [f"photos: {', '.join(HELDOUT_PHOTOS)}", f"{'sigma':>6} {'noisy':>7} {'given':>7} {'blind':>7}"]
         for sigma in self.benchmark_sigmas:
-            gen = torch.Generator().manual_seed(0)
-            noisy = [(c + torch.randn(c.shape, generator=gen) * sigma / 255).clamp(0, 1) for c in crops]
+            noisy = seeded_noisy(crops, sigma, clip=True)
             row = [np.mean([psnr(n, c) for n, c in zip(noisy, crops)])]
             for level in (sigma / 255, BLIND):
                 row.append(np.mean([psnr(model(n, torch.full((1, 1), level)), c) for n, c in zip(noisy, crops)]))

@@ -191,8 +191,8 @@ class SampleFamily(Family):
         real_fd = frechet_distance(features_a, penultimate_features(judge, normalized(images[half_b])))
         return Data(batches, None, fp, desc,
                     meta={"labels": names, "real_spread": real_spread, "real_frechet_distance": real_fd},
-                    extra={"judge": lambda x: judge(normalized(x)), "judge_model": judge, "normalized": normalized,
-                           "features_a": features_a, "classes_b": labels[half_b]})
+                    extra={"judge": judge, "normalized": normalized, "features_a": features_a,
+                           "classes_b": labels[half_b]})
 
     def optimizers(self, model: GAN, train_cfg):
         betas = (0.5, 0.999)  # DCGAN's recommendation
@@ -260,14 +260,15 @@ class SampleFamily(Family):
         gen = torch.Generator().manual_seed(1234)
         class_id = torch.arange(cfg.num_classes).repeat_interleave(cfg.eval_per_class)
         images = model.generator(torch.randn(len(class_id), cfg.latent_dim, generator=gen), class_id)
-        predicted = data.extra["judge"](images).argmax(-1)
+        judge, normalized = data.extra["judge"], data.extra["normalized"]
+        predicted = judge(normalized(images)).argmax(-1)
         per_class = images.view(cfg.num_classes, cfg.eval_per_class, -1)
         spread = float(per_class.std(dim=1).mean())
         # As many generated digits of each class as real half B has, against half A's features.
         wanted = data.extra["classes_b"]
         generated = model.generator(torch.randn(len(wanted), cfg.latent_dim, generator=gen), wanted)
         fd = frechet_distance(data.extra["features_a"],
-                              penultimate_features(data.extra["judge_model"], data.extra["normalized"](generated)))
+                              penultimate_features(judge, normalized(generated)))
         return {"class_agreement": float((predicted == class_id).float().mean()),
                 "diversity": spread / data.meta["real_spread"],  # 1.0 = as varied as the real digits
                 "frechet_distance": fd, "frechet_ratio": fd / data.meta["real_frechet_distance"]}

@@ -6,13 +6,10 @@ One thread per loaded text model runs the step loop. Between steps it admits wai
 run, samples each row with that row's own parameters and generator, hands out text as complete
 characters, and retires finished or abandoned rows.
 
-The engine owns the KV cache: per layer and kind one array (rows, heads, slots, head_dim). Live
-sequences occupy rows 0..n-1 (a retired row's place is taken by the last one), row i's real slots
-are its first ``lengths[i]``, and the graph reads ``cache[:n]`` (a view, no copy) with
-``attention_mask`` hiding the rest; it returns only the new tokens' keys/values, which the engine
-writes into the row's next slot. Rows grow in powers of two up to max_live and slots in blocks of
-``SLOT_BLOCK`` up to the context window, and both shrink when far too large; a resize copies the
-live rows once.
+The engine owns what the graph remembers between steps, by the contract's ``decoder``: a GPT's
+key/value cache (``KVCache``) or an LSTM's or GRU's recurrent state (``RecurrentState``). Live
+sequences occupy rows 0..n-1 of it (a retired row's place is taken by the last one); the scheduling,
+sampling and delivery here are the same for both.
 
 Requests come from asyncio front-ends; results go back with one ``call_soon_threadsafe`` per step
 and event loop, and a reader that falls behind gets the text of several steps as one chunk."""
@@ -163,7 +160,7 @@ class TextEngine:
                  limits: EngineLimits = EngineLimits(), observer: EngineObserver | None = None):
         from tokenizers import Tokenizer
 
-        if not any(t.name.startswith("new.") for t in contract.outputs):
+        if contract.extra.get("decoder", "kv-cache") == "kv-cache" and not any(t.name.startswith("new.") for t in contract.outputs):
             raise ValueError(f"{name} was exported before batched decoding (its graph returns no new.* keys/values); "
                              f"re-export it: python -m export {contract.family}")
         self.name = name
@@ -171,19 +168,18 @@ class TextEngine:
         extra = contract.extra
         self.tokenizer = Tokenizer.from_file(str(folder / extra["tokenizer_file"]))
         self.end_of_text = self.tokenizer.token_to_id(extra["end_of_text"])
-        self.n_layer, self.n_head, self.head_dim = extra["n_layer"], extra["n_head"], extra["head_dim"]
         self.vocab = contract.output("logits").shape[-1]
         self.window = contract.limits["context_window"]
         self.cap = contract.limits["max_new_tokens"]
         self.max_prompt_chars = contract.limits["max_prompt_chars"]
         self.limits = dataclasses.replace(limits, max_live=min(limits.max_live, contract.max_batch or limits.max_live))
         self.observer = observer or EngineObserver()
-        self._past_names = [f"past.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
-        self._new_names = [n.replace("past", "new") for n in self._past_names]
+        decoder = extra.get("decoder", "kv-cache")
+        if decoder not in DECODER_STATES:
+            raise ValueError(f"{name}: decoder {decoder!r} is not one this engine keeps ({', '.join(DECODER_STATES)})")
+        self._state = DECODER_STATES[decoder](contract, self._run, self.limits.max_live)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._live: list[Sequence] = []
-        self._cache = self._allocate(1, SLOT_BLOCK)  # per past name: (rows, heads, slots, head_dim)
-        self._lengths = np.zeros(0, np.int64)  # real slots of each live row
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"text-engine-{name}", daemon=True)
@@ -272,8 +268,9 @@ class TextEngine:
                 for seq in failed:
                     seq.fail(ServingError(None, "internal error while decoding; the server log has the details", 500))
                 self._deliver(failed)
+                self._state.keep(0)
                 with self._wake:
-                    self._live, self._lengths = [], np.zeros(0, np.int64)
+                    self._live = []
                     self.observer.sequences(0, len(self._waiting))
         error = unavailable("model", f"{self.name} is shutting down", retry_after=1)
         with self._wake:
@@ -303,69 +300,17 @@ class TextEngine:
         return admitted
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        """Runs the new rows' prompts together (left-padded), samples their first token and writes
-        their keys/values into the cache rows after the live ones."""
-        width = max(len(s.prompt_ids) for s in admitted)
-        rows = len(admitted)
-        ids = np.zeros((rows, width), np.int64)
-        positions = np.zeros((rows, width), np.int64)
-        lengths = np.array([len(s.prompt_ids) for s in admitted], np.int64)
-        for i, seq in enumerate(admitted):
-            n = len(seq.prompt_ids)
-            ids[i, width - n:] = seq.prompt_ids
-            positions[i, width - n:] = np.arange(n)
-        mask = (np.arange(width) >= (width - lengths)[:, None]).astype(np.int64)
-        empty = np.zeros((rows, self.n_head, 0, self.head_dim), np.float32)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                 **{name: empty for name in self._past_names}}
-        outputs = self._run(feeds, rows)
-        first = len(self._live)
-        self._ensure(first + rows, width)
-        for cache, name in zip(self._cache, self._new_names):
-            new = outputs[name]
-            for i, n in enumerate(lengths):
-                cache[first + i, :, :n] = new[i, :, width - n:]
+        """Runs the new rows' prompts into the rows after the live ones and samples their first token."""
+        logits = self._state.prefill([s.prompt_ids for s in admitted])
         self._live = self._live + admitted
-        self._lengths = np.concatenate([self._lengths, lengths])
-        self._sample(admitted, outputs["logits"])
+        self._sample(admitted, logits)
 
     def _decode(self) -> None:
         """One token for every live row."""
-        live, lengths = self._live, self._lengths
-        rows, slots = len(live), self._cache[0].shape[2]
-        mask = np.ones((rows, slots + 1), np.int64)
-        mask[:, :slots] = self._slot_index[:slots] < lengths[:, None]
-        feeds = {"input_ids": np.array([[s.last_token] for s in live], np.int64), "attention_mask": mask,
-                 "position_ids": lengths[:, None].copy(),
-                 **{name: cache[:rows] for name, cache in zip(self._past_names, self._cache)}}
-        outputs = self._run(feeds, rows)
-        self.observer.occupancy(rows / self.limits.max_live)
-        self._ensure(rows, int(lengths.max()) + 1)
-        index = np.arange(rows)
-        for cache, name in zip(self._cache, self._new_names):
-            cache[index, :, lengths] = outputs[name][:, :, 0]
-        self._lengths = lengths + 1
-        self._sample(live, outputs["logits"])
-
-    def _allocate(self, rows: int, slots: int) -> list[np.ndarray]:
-        self._slot_index = np.arange(slots)
-        return [np.zeros((rows, self.n_head, slots, self.head_dim), np.float32) for _ in self._past_names]
-
-    def _ensure(self, rows: int, slots: int) -> None:
-        """Grows the cache to hold ``rows`` rows (a power of two, at most max_live) of ``slots``
-        slots (whole blocks, at most the window)."""
-        have_rows, have_slots = self._cache[0].shape[0], self._cache[0].shape[2]
-        if rows <= have_rows and slots <= have_slots:
-            return
-        self._resize(max(have_rows, min(self.limits.max_live, 1 << (rows - 1).bit_length())),
-                     max(have_slots, min(self.window, whole_blocks(slots))))
-
-    def _resize(self, rows: int, slots: int) -> None:
-        live, keep = len(self._live), min(slots, self._cache[0].shape[2])
-        resized = self._allocate(rows, slots)
-        for old, new in zip(self._cache, resized):
-            new[:live, :, :keep] = old[:live, :, :keep]
-        self._cache = resized
+        live = self._live
+        logits = self._state.decode(np.array([[s.last_token] for s in live], np.int64))
+        self.observer.occupancy(len(live) / self.limits.max_live)
+        self._sample(live, logits)
 
     def _run(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         started = time.perf_counter()
@@ -394,7 +339,7 @@ class TextEngine:
                 complete = seq.finish_reason is not None and seq.generated > 1
                 per_token = (now - seq.first_token_at) / (seq.generated - 1) if complete else None
                 self.observer.finished(seq.generated, per_token)
-        live, lengths = list(live), self._lengths.copy()
+        live = list(live)
         i = 0
         while i < len(live):
             if not live[i].done:
@@ -402,19 +347,13 @@ class TextEngine:
                 continue
             last = len(live) - 1
             if i != last:
-                for cache in self._cache:
-                    cache[i] = cache[last]
-                live[i], lengths[i] = live[last], lengths[last]
+                self._state.move(last, i)
+                live[i] = live[last]
             live.pop()
+        self._state.keep(len(live))
         with self._wake:
-            self._live, self._lengths = live, lengths[:len(live)]
+            self._live = live
             self.observer.sequences(len(self._live), len(self._waiting))
-        # Shrink only to half or less: resizing copies the live rows, and rows come and go.
-        slots = whole_blocks(int(self._lengths.max()) + 1) if live else SLOT_BLOCK
-        rows = 1 << max(0, len(live) - 1).bit_length()
-        have_rows, have_slots = self._cache[0].shape[0], self._cache[0].shape[2]
-        if slots <= have_slots // 2 or rows <= have_rows // 4:
-            self._resize(min(rows * 2, have_rows), min(slots, have_slots))
 
     def _deliver(self, sequences: list[Sequence]) -> None:
         """Wakes the readers that have something new: one hop per event loop."""
@@ -432,6 +371,169 @@ class TextEngine:
             except RuntimeError:  # that loop has closed: nobody is reading
                 for seq in ready:
                     seq.cancel()
+
+
+class KVCache:
+    """A GPT's keys/values: per layer and kind one array (rows, heads, slots, head_dim). Row i's
+    real slots are its first ``lengths[i]``; the graph reads ``cache[:rows]`` (a view) with
+    ``attention_mask`` hiding the rest and returns only the new tokens' keys/values, written into
+    each row's next slots. Rows grow in powers of two up to max_live, slots in blocks of
+    ``SLOT_BLOCK`` up to the context window; both shrink when far too large."""
+
+    def __init__(self, contract: ModelContract, run: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]],
+                 max_live: int):
+        extra = contract.extra
+        self.run, self.max_live = run, max_live
+        self.window = contract.limits["context_window"]
+        self.n_head, self.head_dim = extra["n_head"], extra["head_dim"]
+        self._past_names = [f"past.{i}.{kv}" for i in range(extra["n_layer"]) for kv in ("key", "value")]
+        self._new_names = [n.replace("past", "new") for n in self._past_names]
+        self._cache = self._allocate(1, SLOT_BLOCK)  # per past name: (rows, heads, slots, head_dim)
+        self._lengths = np.zeros(0, np.int64)  # real slots of each live row
+
+    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
+        """The prompts together (left-padded) into new rows after the live ones; their logits."""
+        width = max(len(p) for p in prompts)
+        rows = len(prompts)
+        ids = np.zeros((rows, width), np.int64)
+        positions = np.zeros((rows, width), np.int64)
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        for i, prompt in enumerate(prompts):
+            n = len(prompt)
+            ids[i, width - n:] = prompt
+            positions[i, width - n:] = np.arange(n)
+        mask = (np.arange(width) >= (width - lengths)[:, None]).astype(np.int64)
+        empty = np.zeros((rows, self.n_head, 0, self.head_dim), np.float32)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                 **{name: empty for name in self._past_names}}
+        outputs = self.run(feeds, rows)
+        first = len(self._lengths)
+        self._ensure(first + rows, width)
+        for cache, name in zip(self._cache, self._new_names):
+            new = outputs[name]
+            for i, n in enumerate(lengths):
+                cache[first + i, :, :n] = new[i, :, width - n:]
+        self._lengths = np.concatenate([self._lengths, lengths])
+        return outputs["logits"]
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """One token (rows, 1) for every live row; their logits."""
+        lengths = self._lengths
+        rows, slots = len(lengths), self._cache[0].shape[2]
+        mask = np.ones((rows, slots + 1), np.int64)
+        mask[:, :slots] = self._slot_index[:slots] < lengths[:, None]
+        feeds = {"input_ids": tokens, "attention_mask": mask, "position_ids": lengths[:, None].copy(),
+                 **{name: cache[:rows] for name, cache in zip(self._past_names, self._cache)}}
+        outputs = self.run(feeds, rows)
+        self._ensure(rows, int(lengths.max()) + 1)
+        index = np.arange(rows)
+        for cache, name in zip(self._cache, self._new_names):
+            cache[index, :, lengths] = outputs[name][:, :, 0]
+        self._lengths = lengths + 1
+        return outputs["logits"]
+
+    def move(self, source: int, target: int) -> None:
+        for cache in self._cache:
+            cache[target] = cache[source]
+        self._lengths[target] = self._lengths[source]
+
+    def keep(self, rows: int) -> None:
+        """Only the first ``rows`` rows stay live; shrinks only to half or less, since resizing
+        copies the live rows and rows come and go."""
+        self._lengths = self._lengths[:rows].copy()
+        slots = whole_blocks(int(self._lengths.max()) + 1) if rows else SLOT_BLOCK
+        wanted = 1 << max(0, rows - 1).bit_length()
+        have_rows, have_slots = self._cache[0].shape[0], self._cache[0].shape[2]
+        if slots <= have_slots // 2 or wanted <= have_rows // 4:
+            self._resize(min(wanted * 2, have_rows), min(slots, have_slots))
+
+    def _allocate(self, rows: int, slots: int) -> list[np.ndarray]:
+        self._slot_index = np.arange(slots)
+        return [np.zeros((rows, self.n_head, slots, self.head_dim), np.float32) for _ in self._past_names]
+
+    def _ensure(self, rows: int, slots: int) -> None:
+        have_rows, have_slots = self._cache[0].shape[0], self._cache[0].shape[2]
+        if rows <= have_rows and slots <= have_slots:
+            return
+        self._resize(max(have_rows, min(self.max_live, 1 << (rows - 1).bit_length())),
+                     max(have_slots, min(self.window, whole_blocks(slots))))
+
+    def _resize(self, rows: int, slots: int) -> None:
+        live, keep = len(self._lengths), min(slots, self._cache[0].shape[2])
+        resized = self._allocate(rows, slots)
+        for old, new in zip(self._cache, resized):
+            new[:live, :, :keep] = old[:live, :, :keep]
+        self._cache = resized
+
+
+class RecurrentState:
+    """An LSTM's or GRU's state: per part (h, c) one array (rows, layers, hidden), the same size
+    however long a row has run. A prefill runs prompts of equal length together from the zero
+    state (a recurrent graph has no mask, so padding would enter the state); decoding runs every
+    live row's one token. Rows grow in powers of two up to max_live and shrink when far too many."""
+
+    def __init__(self, contract: ModelContract, run: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]],
+                 max_live: int):
+        extra = contract.extra
+        self.run, self.max_live = run, max_live
+        self._names = [f"state.{part}" for part in extra["state"]]
+        self._shape = (extra["n_layer"], extra["hidden"])
+        self._rows = 0
+        self._arrays = self._allocate(1)
+
+    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
+        first = self._rows
+        self._ensure(first + len(prompts))
+        by_length: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(i)
+        logits: list[np.ndarray | None] = [None] * len(prompts)
+        for indices in by_length.values():
+            zero = np.zeros((len(indices), *self._shape), np.float32)
+            feeds = {"input_ids": np.array([prompts[i] for i in indices], np.int64),
+                     **{name: zero for name in self._names}}
+            outputs = self.run(feeds, len(indices))
+            rows = np.array(indices) + first
+            for name, state in zip(self._names, self._arrays):
+                state[rows] = outputs["new_" + name]
+            for j, i in enumerate(indices):
+                logits[i] = outputs["logits"][j]
+        self._rows = first + len(prompts)
+        return np.stack(logits)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        rows = self._rows
+        outputs = self.run({"input_ids": tokens, **{n: s[:rows] for n, s in zip(self._names, self._arrays)}}, rows)
+        for name, state in zip(self._names, self._arrays):
+            state[:rows] = outputs["new_" + name]
+        return outputs["logits"]
+
+    def move(self, source: int, target: int) -> None:
+        for state in self._arrays:
+            state[target] = state[source]
+
+    def keep(self, rows: int) -> None:
+        self._rows = rows
+        wanted = 1 << max(0, rows - 1).bit_length()
+        if wanted <= len(self._arrays[0]) // 4:
+            self._resize(wanted * 2)
+
+    def _allocate(self, rows: int) -> list[np.ndarray]:
+        return [np.zeros((rows, *self._shape), np.float32) for _ in self._names]
+
+    def _ensure(self, rows: int) -> None:
+        if rows > len(self._arrays[0]):
+            self._resize(min(self.max_live, 1 << (rows - 1).bit_length()))
+
+    def _resize(self, rows: int) -> None:
+        resized = self._allocate(rows)
+        for old, new in zip(self._arrays, resized):
+            new[:self._rows] = old[:self._rows]
+        self._arrays = resized
+
+
+# contract.extra["decoder"] -> what keeps that graph's memory between steps
+DECODER_STATES = {"kv-cache": KVCache, "recurrent": RecurrentState}
 
 
 def _set_ready(sequences: list[Sequence]) -> None:

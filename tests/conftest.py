@@ -25,6 +25,7 @@ class Built:
     metrics: dict
     parity: float
     tag: str
+    family: str
 
 
 @pytest.fixture(scope="session")
@@ -38,17 +39,19 @@ def built_models() -> dict[str, Built]:
     for name, family in FAMILIES.items():
         metrics = run(name, "quick", progress=False)
         result = export_onnx(family)
-        built[name] = Built(metrics, result.parity_max_abs_diff, save_to_store(result, family))
+        built[name] = Built(metrics, result.parity_max_abs_diff, save_to_store(result, family), name)
     return built
 
 
 SECOND = "-seed1"  # every family's second served model: the quick profile again with another seed
+# More text models, served by the same routes: the recurrent language models (model name -> architecture).
+RECURRENT = {"generate-lstm": "lstm", "generate-gru": "gru"}
 
 
 @pytest.fixture(scope="session")
 def second_models(built_models) -> dict[str, Built]:
     """A second model per family under its own name (family + SECOND), served beside the default,
-    for the model choice on every API (as the benchmark models are)."""
+    for the model choice on every API (as the benchmark models are); and the recurrent text models."""
     from export.onnx_export import export_onnx, save_to_store
     from training.__main__ import run
     from training.artifacts import family_dir
@@ -59,7 +62,14 @@ def second_models(built_models) -> dict[str, Built]:
         name = family_name + SECOND
         metrics = run(family_name, "quick", train_overrides={"seed": 1}, progress=False, name=name)
         result = export_onnx(family, family_dir(name))
-        built[name] = Built(metrics, result.parity_max_abs_diff, save_to_store(result, family, family_dir(name)))
+        built[name] = Built(metrics, result.parity_max_abs_diff, save_to_store(result, family, family_dir(name)),
+                            family_name)
+    for name, architecture in RECURRENT.items():
+        family = FAMILIES["generate"]
+        metrics = run("generate", "quick", model_overrides={"architecture": architecture}, progress=False, name=name)
+        result = export_onnx(family, family_dir(name))
+        built[name] = Built(metrics, result.parity_max_abs_diff, save_to_store(result, family, family_dir(name)),
+                            "generate")
     return built
 
 

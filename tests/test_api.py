@@ -17,7 +17,7 @@ from PIL import Image
 
 from loadtest.payloads import digit_png, photo_png, png_bytes, scene_png
 from loadtest.servers import free_port
-from tests.conftest import SECOND, REPO, build_bento
+from tests.conftest import RECURRENT, SECOND, REPO, build_bento
 
 
 def post_image(server, path: str, png: bytes, **fields) -> requests.Response:
@@ -152,7 +152,7 @@ def test_models_endpoint(server, built_models, second_models):
         assert f"{name}:{m['version']}" == built.tag
         assert m["parity_max_abs_diff"] == pytest.approx(built.parity)
         assert m["metrics"] and m["contract"]["inputs"] and m["task"] and m["ready"]
-        assert m["family"] == name.removesuffix(SECOND) and m["profile"] == "quick"
+        assert m["family"] == built.family and m["profile"] == "quick"
 
 
 def test_model_choice_on_every_api(server, second_models):
@@ -179,9 +179,14 @@ def test_model_choice_on_every_api(server, second_models):
     r = requests.post(f"{server.url}/generate_stream", json=text, timeout=60)
     assert r.status_code == 200 and r.headers["x-model"].startswith("generate" + SECOND + ":")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    assert {m.id for m in client.models.list()} == {"generate", "generate" + SECOND}
+    assert {m.id for m in client.models.list()} == {"generate", "generate" + SECOND, *RECURRENT}
     done = client.completions.create(model="generate" + SECOND, prompt="The ", max_tokens=3, seed=0)
     assert done.model.startswith("generate" + SECOND)
+    for name in RECURRENT:  # the LSTM and GRU language models, through the same routes
+        body = requests.post(f"{server.url}/generate", json={**text, "model": name, "max_new_tokens": 8}, timeout=60).json()
+        assert body["model"].startswith(name + ":") and body["usage"]["completion_tokens"] >= 1, body
+        done = client.completions.create(model=name, prompt="The ", max_tokens=5, seed=0, temperature=0)
+        assert done.model.startswith(name + ":") and done.usage.completion_tokens >= 1
     # a model of another task, and a model that is not served
     wrong = post_image(server, "/classify", digit, model="segment" + SECOND)
     assert wrong.status_code == 400 and wrong.json()["field"] == "model" and "segment" in wrong.json()["error"]

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from loadtest.fuzz import grpc_fuzz, schemathesis_run
 from loadtest.payloads import digit_png, png_bytes
 from loadtest.servers import start_suite, worker_pids
-from tests.conftest import SECOND
+from tests.conftest import RECURRENT, SECOND
 
 JSON = {"Content-Type": "application/json"}
 
@@ -130,7 +130,7 @@ def classify_once(url: str) -> tuple[int, str | None]:
 def test_unload_and_load_over_http_and_grpc(server):
     index = requests.post(f"{server.url}/v2/repository/index", timeout=30).json()
     defaults = {"classify", "segment", "generate", "denoise", "sample"}
-    assert {e["name"] for e in index if e["state"] == "READY"} == defaults | {n + SECOND for n in defaults}
+    assert {e["name"] for e in index if e["state"] == "READY"} == defaults | {n + SECOND for n in defaults} | set(RECURRENT)
     r = requests.post(f"{server.url}/v2/repository/models/sample/unload", timeout=120)
     assert r.status_code == 200 and r.json()["workers"] >= 1, r.text
     refused = requests.post(f"{server.url}/sample", json={"n": 1}, timeout=30)

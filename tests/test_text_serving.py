@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 import tritonclient.grpc as tgrpc
-from tests.conftest import SECOND
+from tests.conftest import RECURRENT, SECOND
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def test_openai_prompt_list_n_echo_and_penalties(client):
 
 
 def test_openai_errors_and_models(client, server):
-    assert [m.id for m in client.models.list()] == ["generate", "generate" + SECOND]  # the default and the second text model
+    # the default, the second text model and the recurrent ones
+    assert sorted(m.id for m in client.models.list()) == sorted(["generate", "generate" + SECOND, *RECURRENT])
     assert client.models.retrieve("generate").root.startswith("generate:")
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="generate", prompt="x", max_tokens=100_000)

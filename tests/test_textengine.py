@@ -1,6 +1,7 @@
-"""The text engine without a server, on the quick-profile GPT exported by the conftest: batched
-rows of different lengths decode as each row alone, a seed's text does not depend on the batch
-companions, a cancelled row is freed, and the limits hold."""
+"""The text engine without a server, on the quick-profile GPT, LSTM and GRU exported by the
+conftest (a key/value cache and two kinds of recurrent state): batched rows of different lengths
+decode as each row alone, a seed's text does not depend on the batch companions, a cancelled row is
+freed, and the limits hold."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from services.errors import ServingError
 from services.textengine import EngineLimits, EngineObserver, TextEngine
 from services.textgen import SamplingParams
+from tests.conftest import RECURRENT
 
 PROMPTS = ["The", "import os\nimport sys\n\ndef main(argv):\n    return", "A list", "Dictionaries are mutable mappings"]
 
@@ -29,13 +31,15 @@ class Recorder(EngineObserver):
         self.live.append(live)
 
 
-@pytest.fixture(scope="module")
-def model(built_models):
+@pytest.fixture(scope="module", params=["generate", *RECURRENT])
+def model(request, built_models):
     import bentoml
 
     from services.runtime import OnnxSession
 
-    folder = Path(bentoml.models.get("generate").path)
+    if request.param in RECURRENT:
+        request.getfixturevalue("second_models")
+    folder = Path(bentoml.models.get(request.param).path)
     return OnnxSession(folder / "model.onnx", intra_op_threads=1), folder
 
 
@@ -141,7 +145,7 @@ def test_bad_requests_and_close(model):
 
     async def main():
         with pytest.raises(ServingError) as too_long:
-            engine.submit([("word " * 400, SamplingParams(max_new_tokens=10))])
+            engine.submit([("word " * (engine.window + 1), SamplingParams(max_new_tokens=10))])
         with pytest.raises(ServingError) as too_many:
             engine.submit([("x", SamplingParams(max_new_tokens=10_000))])
         (pending,) = engine.submit([("x", SamplingParams(max_new_tokens=100, ignore_eos=True))])
@@ -170,7 +174,9 @@ def test_stream_interval_joins_chunks_without_changing_text(model):
         every.close()
         joined.close()
     assert "".join(per_token) == "".join(coarse)
-    assert len(per_token) > 5 and len(coarse) == 2  # the first piece at once, the rest with the last
+    # The first piece at once, the rest with the last: two wake-ups, or one when the whole text was
+    # decoded before the reader ran after the first (a tiny model on a busy machine).
+    assert len(per_token) > 5 and len(coarse) in (1, 2)
 
 
 def test_failed_run_fails_its_sequences_and_the_engine_goes_on(model):

@@ -1,5 +1,7 @@
 """Text generation: a GPT-2 architecture from Hugging Face transformers, trained from scratch with a
-byte-level BPE tokenizer, exported with a key/value cache for batched incremental decoding."""
+byte-level BPE tokenizer, exported with a key/value cache for batched incremental decoding; or a
+recurrent language model (LSTM, GRU; ``training/families/recurrent.py``) on the same tokenizer, data
+and loss, exported with its recurrent state."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch.export import Dim
 
 from contract import ModelContract, TensorSpec
 from training.data import load_text
+from training.families.recurrent import STATE_PARTS, RecurrentLM, RecurrentStep, state_names
 from training.family import Data, ExportSpec, Family
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -24,14 +27,18 @@ END_OF_TEXT = "<|endoftext|>"
 
 @dataclass
 class GenerateConfig:
+    architecture: str = "gpt2"  # gpt2 | lstm | gru
     vocab_size: int = 2048
-    n_positions: int = 256  # context window; prompt + new tokens must fit in it
+    # Training window; the GPT's context window (prompt + new tokens must fit in it). A recurrent
+    # model's state has no window: it serves up to recurrent_context tokens.
+    n_positions: int = 256
     n_embd: int = 192
     n_layer: int = 4
     n_head: int = 4
     dropout: float = 0.0
     heldout_fraction: float = 0.1
     max_new_tokens_cap: int = 200
+    recurrent_context: int = 4096
 
 
 def train_tokenizer(text: str, vocab_size: int):
@@ -169,7 +176,7 @@ class GenerateFamily(Family):
     }
 
     def build(self, cfg: GenerateConfig) -> nn.Module:
-        return GPT(cfg)
+        return GPT(cfg) if cfg.architecture == "gpt2" else RecurrentLM(cfg)
 
     def load_data(self, cfg: GenerateConfig, train_cfg, data_path, seed) -> Data:
         text, fp, desc = load_text(data_path)
@@ -233,7 +240,8 @@ class GenerateFamily(Family):
         from training.artifacts import atomic_write
 
         atomic_write(out_dir / TOKENIZER_FILE, lambda p: data.extra["tokenizer"].save(str(p)))
-        model.lm.save_pretrained(out_dir / HF_DIR)  # the transformers-native copy, for users of transformers
+        if isinstance(model, GPT):
+            model.lm.save_pretrained(out_dir / HF_DIR)  # the transformers-native copy, for users of transformers
 
     def extra_files(self) -> list[str]:
         return [TOKENIZER_FILE]
@@ -242,7 +250,9 @@ class GenerateFamily(Family):
         ids, _ = data.heldout
         return [(ids[None, :24],)]
 
-    def export_spec(self, model: GPT, cfg: GenerateConfig, checkpoint: dict) -> ExportSpec:
+    def export_spec(self, model: nn.Module, cfg: GenerateConfig, checkpoint: dict) -> ExportSpec:
+        if isinstance(model, RecurrentLM):
+            return self._recurrent_export_spec(model, cfg, checkpoint)
         decoder = DecoderStep(model).eval()
         (prompt,) = checkpoint["heldout_examples"][0]
         prompt = prompt[0]
@@ -287,7 +297,40 @@ class GenerateFamily(Family):
         return ExportSpec(decoder, middle, ["input_ids", "attention_mask", "position_ids", *cache_names(cfg.n_layer, "past")],
                           ["logits", *cache_names(cfg.n_layer, "new")], dynamic, [first, middle, last], references)
 
+    @staticmethod
+    def _recurrent_export_spec(model: RecurrentLM, cfg: GenerateConfig, checkpoint: dict) -> ExportSpec:
+        step = RecurrentStep(model).eval()
+        (prompt,) = checkpoint["heldout_examples"][0]
+        prompt = prompt[0]
+        parts = model.state_parts
+
+        def zero(batch: int) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.zeros(batch, cfg.n_layer, cfg.n_embd) for _ in parts)
+
+        # A prefill from the zero state, then a multi-token and a one-token call carrying its state.
+        half = len(prompt) // 2
+        first = (torch.stack([prompt[:half], prompt[1:half + 1]]), *zero(2))
+        with torch.no_grad():
+            state = step(*first)[1:]
+            middle = (torch.stack([prompt[half:-1], prompt[half + 1:]]), *state)
+            state = step(*middle)[1:]
+        last = (torch.stack([prompt[-1:], prompt[:1]]), *state)
+        # Incremental equals whole: the prompt's first tokens, then the rest one call at a time,
+        # must give the logits the model gives the whole prompt in one pass.
+        with torch.no_grad():
+            whole = model(prompt[None])[:, -1:]
+            state = step(prompt[None, :half], *zero(1))[1:]
+            for i in range(half, len(prompt) - 1):
+                state = step(prompt[None, i:i + 1], *state)[1:]
+        references = [((prompt[None, -1:], *state), (whole,))]
+        b, t = Dim("batch", min=1, max=64), Dim("sequence", min=1, max=cfg.recurrent_context)
+        dynamic = ({0: b, 1: t}, tuple({0: b} for _ in parts))
+        return ExportSpec(step, middle, ["input_ids", *state_names(parts, "state")],
+                          ["logits", *state_names(parts, "new_state")], dynamic, [first, middle, last], references)
+
     def contract(self, cfg: GenerateConfig, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
+        if cfg.architecture != "gpt2":
+            return self._recurrent_contract(cfg)
         head_dim = cfg.n_embd // cfg.n_head
         cache_axes = ["batch", "head", "past_sequence", "head_dim"]
         past = [TensorSpec(n, "float32", [-1, cfg.n_head, -1, head_dim], cache_axes) for n in cache_names(cfg.n_layer, "past")]
@@ -302,6 +345,23 @@ class GenerateFamily(Family):
             outputs=[TensorSpec("logits", "float32", [-1, 1, cfg.vocab_size], ["batch", "last", "vocab"]), *new],
             limits={"max_new_tokens": cfg.max_new_tokens_cap, "context_window": cfg.n_positions,
                     "max_prompt_chars": 20_000, "max_batch": 64},
-            extra={"tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT, "n_layer": cfg.n_layer,
-                   "n_head": cfg.n_head, "head_dim": head_dim},
+            extra={"decoder": "kv-cache", "tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT,
+                   "n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_dim": head_dim},
+        )
+
+    def _recurrent_contract(self, cfg: GenerateConfig) -> ModelContract:
+        parts = STATE_PARTS[cfg.architecture]
+        axes = ["batch", "layer", "hidden"]
+        state = [TensorSpec(n, "float32", [-1, cfg.n_layer, cfg.n_embd], axes) for n in state_names(parts, "state")]
+        new = [TensorSpec(n, "float32", [-1, cfg.n_layer, cfg.n_embd], axes) for n in state_names(parts, "new_state")]
+        return ModelContract(
+            name=self.name, family=self.name, task=self.task,
+            architecture=f"{cfg.architecture}-{cfg.n_layer}layer-{cfg.n_embd}wide",
+            inputs=[TensorSpec("input_ids", "int64", [-1, -1], ["batch", "sequence"]), *state],
+            outputs=[TensorSpec("logits", "float32", [-1, 1, cfg.vocab_size], ["batch", "last", "vocab"]), *new],
+            limits={"max_new_tokens": cfg.max_new_tokens_cap, "context_window": cfg.recurrent_context,
+                    "max_prompt_chars": 20_000, "max_batch": 64},
+            extra={"decoder": "recurrent", "tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT,
+                   "n_layer": cfg.n_layer, "hidden": cfg.n_embd, "state": list(parts),
+                   "trained_window": cfg.n_positions},
         )

@@ -3,6 +3,7 @@
 
     python -m loadtest.bench_text                     # what `make bench-text` runs (BENTOML_HOME: the models)
     python -m loadtest.bench_text --streams 1,8 --seconds 10
+    python -m loadtest.bench_text --models generate,generate-lstm,generate-gru   # the GPT against the recurrent models
 
 1. In process, before any server starts: transformers ``generate()`` (PyTorch eager, sampling at
    temperature 1, exactly ``--tokens`` new tokens) from ``artifacts/generate/hf`` at batch 1 and at
@@ -14,6 +15,8 @@
    for ``--seconds``. The clients are raw asyncio HTTP/1.1 connections (little CPU, as the load
    generator shares the machine). tokens/s = completion tokens of the finished requests / wall time;
    time to first token = request sent -> first ``data:`` event, p50 and p99 over the requests.
+   With ``--models``, step 3 runs for each named text model of the store (the same server serves
+   them all), so the GPT and the LSTM/GRU language models are measured in one run.
 Prints a table and the issue's goals with the measured ratios."""
 
 from __future__ import annotations
@@ -87,10 +90,11 @@ class StreamStats:
     ttft: list[float] = field(default_factory=list)
 
 
-async def one_stream(port: int, prompt: str, tokens: int, deadline: float, stats: StreamStats) -> None:
+async def one_stream(port: int, prompt: str, tokens: int, deadline: float, stats: StreamStats,
+                     model: str = "generate") -> None:
     """Back-to-back streamed completions on a keep-alive connection until ``deadline`` (a new
     connection when the server asks to close one)."""
-    body = json.dumps({"model": "generate", "prompt": prompt, "max_tokens": tokens, "temperature": 1.0,
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 1.0,
                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
     request = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -137,10 +141,11 @@ async def one_stream(port: int, prompt: str, tokens: int, deadline: float, stats
         connection[1].close()
 
 
-async def run_streams(port: int, streams: int, tokens: int, seconds: float) -> tuple[float, StreamStats]:
+async def run_streams(port: int, streams: int, tokens: int, seconds: float,
+                      model: str = "generate") -> tuple[float, StreamStats]:
     stats = StreamStats()
     started = time.perf_counter()
-    await asyncio.gather(*(one_stream(port, PROMPTS[i % len(PROMPTS)], tokens, started + seconds, stats)
+    await asyncio.gather(*(one_stream(port, PROMPTS[i % len(PROMPTS)], tokens, started + seconds, stats, model)
                            for i in range(streams)))
     return stats.tokens / (time.perf_counter() - started), stats
 
@@ -158,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="generate() runs per batch size (median)")
     parser.add_argument("--checkpoint", type=Path, default=REPO / "artifacts" / "generate",
                         help="training output with hf/ and tokenizer.json")
+    parser.add_argument("--models", default="generate",
+                        help="comma-separated stored text models to stream from (the GPT's checkpoint is the reference)")
     args = parser.parse_args(argv)
+    models = args.models.split(",")
     os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
     if not (args.checkpoint / "hf").is_dir():
@@ -183,25 +191,26 @@ def main(argv: list[str] | None = None) -> int:
         same = served["choices"][0]["text"] == expected
         print(f"served model {served['model']}: greedy text {'equals' if same else 'DIFFERS FROM'} the checkpoint's "
               f"generate()", flush=True)
-        asyncio.run(run_streams(port, 2, 16, 1.0))  # warm-up
-        for streams in [int(s) for s in args.streams.split(",")]:
-            rate, stats = asyncio.run(run_streams(port, streams, args.tokens, args.seconds))
-            rows.append((streams, rate, stats))
-            print(f"suite {streams} streams: {rate:.0f} tokens/s, {stats.requests} requests, {stats.errors} errors",
-                  flush=True)
+        for name in models:
+            asyncio.run(run_streams(port, 2, 16, 1.0, name))  # warm-up
+            for streams in [int(s) for s in args.streams.split(",")]:
+                rate, stats = asyncio.run(run_streams(port, streams, args.tokens, args.seconds, name))
+                rows.append((name, streams, rate, stats))
+                print(f"suite {name} {streams} streams: {rate:.0f} tokens/s, {stats.requests} requests, "
+                      f"{stats.errors} errors", flush=True)
     finally:
         server.stop()
 
-    print("\n| client | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | requests | errors | vs generate() b1 | vs generate() b8 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| client | model | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | requests | errors | vs generate() b1 | vs generate() b8 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch, rate in reference.items():
-        print(f"| transformers generate() in process, batch {batch} | - | {rate:.0f} | - | - | - | - | "
+        print(f"| transformers generate() in process, batch {batch} | {args.checkpoint.name} | - | {rate:.0f} | - | - | - | - | "
               f"{rate / reference[1]:.2f}x | {rate / reference[8]:.2f}x |")
-    for streams, rate, stats in rows:
-        print(f"| suite /v1/completions stream=true | {streams} | {rate:.0f} | {percentile(stats.ttft, 0.5) * 1e3:.0f} | "
-              f"{percentile(stats.ttft, 0.99) * 1e3:.0f} | {stats.requests} | {stats.errors} | "
-              f"{rate / reference[1]:.2f}x | {rate / reference[8]:.2f}x |")
-    by = {streams: rate for streams, rate, _ in rows}
+    for name, streams, rate, stats in rows:
+        print(f"| suite /v1/completions stream=true | {name} | {streams} | {rate:.0f} | "
+              f"{percentile(stats.ttft, 0.5) * 1e3:.0f} | {percentile(stats.ttft, 0.99) * 1e3:.0f} | {stats.requests} | "
+              f"{stats.errors} | {rate / reference[1]:.2f}x | {rate / reference[8]:.2f}x |")
+    by = {streams: rate for name, streams, rate, _ in rows if name == "generate"}
     print("\nGoals:")
     if 1 in by:
         print(f"- one stream >= 4x generate() batch 1: {by[1] / reference[1]:.2f}x")

@@ -141,6 +141,9 @@ def check_image_tensor(contract: ModelContract, name: str, array: np.ndarray) ->
 
 # ---- image classification ----------------------------------------------------------------------------
 
+OOD_OUTPUTS = ("ood_score", "reconstruction_error")
+
+
 class ImageClassification(TaskHandler):
     task = "classify"
 
@@ -148,11 +151,17 @@ class ImageClassification(TaskHandler):
         c = handle.contract
         top_k = check_int("top_k", top_k, 1, TOP_K_CAP)
         _, x = await image_input(image, c)
-        probs = (await handle.infer({c.inputs[0].name: x}))[c.outputs[0].name][0]
+        outputs = await handle.infer({c.inputs[0].name: x})
+        probs = outputs[c.outputs[0].name][0]
         order = np.argsort(-probs, kind="stable")[: min(top_k, probs.size)]
-        return {"model": handle.tag,
+        body = {"model": handle.tag,
                 "predictions": [{"label": c.labels[i], "class_id": int(i), "probability": float(probs[i])}
                                 for i in order]}
+        # A model exported with the digit autoencoder says how unlike its training digits the input is.
+        for name in OOD_OUTPUTS:
+            if name in outputs:
+                body[name] = float(outputs[name][0])
+        return body
 
 
 # ---- semantic segmentation ---------------------------------------------------------------------------

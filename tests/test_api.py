@@ -52,6 +52,22 @@ def test_classify_heldout_digits(server):
     assert right >= 8, f"only {right}/10 held-out digits right"
 
 
+def test_classify_ood_score(server):
+    """/classify says how unlike the training digits an input is: held-out digits score lower than
+    crops of a photograph, on average, and both lie in [0, 1]."""
+    from training.data import split_indices
+
+    _, heldout = split_indices(1797, 0.2, seed=0)
+    digits = [post_image(server, "/classify", digit_png(int(i))[0]).json() for i in heldout[:12]]
+    photo = np.asarray(Image.open(io.BytesIO(photo_png("coins", size=256)[0])))
+    crops = [post_image(server, "/classify", png_bytes(photo[y:y + 48, x:x + 48])).json()
+             for y in (0, 100, 200) for x in (0, 100, 200)]
+    for body in digits + crops:
+        assert 0 <= body["ood_score"] <= 1 and body["reconstruction_error"] >= 0, body
+    mean = lambda bodies: sum(b["ood_score"] for b in bodies) / len(bodies)  # noqa: E731
+    assert mean(digits) < mean(crops), (mean(digits), mean(crops))
+
+
 def test_classify_accepts_rgb_jpeg_dark_on_light(server):
     png, label = digit_png(int(1750))
     gray = 255 - np.asarray(Image.open(io.BytesIO(png)))  # ink on paper, as people draw digits

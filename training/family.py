@@ -52,6 +52,7 @@ class Family:
     primary_metric: str = ""  # the quality figure checked against the floor
     higher_is_better: bool = True  # of the primary metric
     lower_is_better: tuple[str, ...] = ()  # other held-out figures where less is better (for select_by)
+    tie_break: str = ""  # the held-out figure that picks between states equal on the selection metric
     floor: float = 0.0  # quality floor of the standard profile
     requires: tuple[str, ...] = ()  # families whose checkpoints this one needs (the GAN's judge)
     # The benchmark table of the report: figure key -> column label; published figures per method

@@ -32,11 +32,19 @@ def _schedule(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _improved(family: Family, metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
+def _better(family: Family, metric: str, value: float, best: float) -> bool:
     higher = family.higher_is_better if metric == family.primary_metric else metric not in family.lower_is_better
     return value > best if higher else value < best
+
+
+def _improved(family: Family, metric: str, metrics: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Better on the selection metric; on a tie (accuracy saturates at 1.0 early), better on the
+    family's tie-break figure, so a later, further-trained state wins."""
+    if best is None:
+        return True
+    if metrics[metric] == best[metric] and family.tie_break:
+        return _better(family, family.tie_break, metrics[family.tie_break], best[family.tie_break])
+    return _better(family, metric, metrics[metric], best[metric])
 
 
 class ResumeError(RuntimeError):
@@ -152,7 +160,7 @@ def train(family: Family, cfg, train_cfg, data: Data, profile: str, out_dir: Pat
             _write_samples(writer, family, model, data, step + 1)
             writer.flush()
             bar.write(f"[{name}] step {step + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if _improved(family, select_by, metrics[select_by], None if best_metrics is None else best_metrics[select_by]):
+            if _improved(family, select_by, metrics, best_metrics):
                 best_metrics, best_step, evals_without_gain = metrics, step + 1, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:

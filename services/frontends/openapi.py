@@ -61,7 +61,13 @@ def openapi_document(plane: Any) -> dict:
             {"200": {"description": "top-k predictions", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"model": {"type": "string"}, "predictions": {"type": "array", "items": {
                     "type": "object", "properties": {"label": {"type": "string"}, "class_id": {"type": "integer"},
-                                                     "probability": {"type": "number"}}}}}}}}}})
+                                                     "probability": {"type": "number"}}}},
+                    "ood_score": {"type": "number", "minimum": 0, "maximum": 1, "description":
+                                  "how unlike the training digits the input is: where its reconstruction error falls "
+                                  "among the held-out digits' errors (about 0.5 for a digit, 1.0 above them all; "
+                                  "models exported with the digit autoencoder)"},
+                    "reconstruction_error": {"type": "number", "description": "the autoencoder's mean squared "
+                                             "error on the normalised input"}}}}}}})
     if "segment" in plane.repository.names:
         paths["/segment"] = _image_route("Label mask of an image, same width and height",
                                          {"model": _model_field(plane, "segment")},

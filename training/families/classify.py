@@ -1,11 +1,13 @@
 """Image classification: LeNet-5, an AlexNet-style net, a small VGG and a small ResNet over 28x28
-grayscale images."""
+grayscale images; beside the classifier, a convolutional autoencoder of the training digits whose
+reconstruction error, calibrated on the held-out digits, is the out-of-distribution score."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,46 @@ class ClassifyConfig:
     dropout: float = 0.1
     mean: float = derived(0.1)  # of the training pixels in [0, 1]
     std: float = derived(0.3)
+    ood: bool = True  # train the out-of-distribution autoencoder beside the classifier
+    ood_channels: int = 16
+    ood_latent: int = 16  # a narrow code, so only digit-like inputs come back well
+
+
+OOD_QUANTILES = 101  # calibration: the held-out digits' reconstruction error at every percentile
+
+
+class DigitAutoencoder(nn.Module):
+    """The out-of-distribution detector: a convolutional autoencoder of the training digits with a
+    narrow dense code. Its mean squared reconstruction error is low for inputs like the digits and
+    high for what it never saw; ``calibration`` holds that error's percentiles over the held-out
+    digits (set by each evaluation, so it travels with the state it describes), and the score is
+    where an input's error falls in that distribution: 0.5 = a typical digit, 1.0 = worse than every
+    held-out digit."""
+
+    def __init__(self, cfg: ClassifyConfig):
+        super().__init__()
+        c, side = cfg.ood_channels, cfg.image_size // 4
+        self.encode = nn.Sequential(
+            nn.Conv2d(1, c, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(2 * c * side * side, cfg.ood_latent))
+        self.decode = nn.Sequential(
+            nn.Linear(cfg.ood_latent, 2 * c * side * side), nn.ReLU(), nn.Unflatten(1, (2 * c, side, side)),
+            nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose2d(c, 1, 4, stride=2, padding=1))
+        self.register_buffer("calibration", torch.zeros(OOD_QUANTILES))
+
+    def error(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) normalised -> (B,)
+        return (self.decode(self.encode(x)) - x).pow(2).mean(dim=(1, 2, 3))
+
+    def score(self, error: torch.Tensor) -> torch.Tensor:
+        """The held-out digits' error distribution at ``error``, linear between percentiles: each
+        percentile interval counts the part of it below the error. Continuous, so ONNX Runtime and
+        PyTorch agree to rounding even for an input whose error is a percentile."""
+        low, high = self.calibration[:-1], self.calibration[1:]
+        covered = (error[:, None] - low[None]) / (high - low).clamp_min(1e-12)[None]
+        return covered.clamp(0.0, 1.0).mean(dim=-1)
+
+    def calibrate(self, heldout_errors: torch.Tensor) -> None:
+        self.calibration.copy_(torch.quantile(heldout_errors, torch.linspace(0, 1, OOD_QUANTILES)))
 
 
 class LeNet5(nn.Module):
@@ -124,14 +166,61 @@ ARCHITECTURES = {"lenet5": LeNet5, "alexnet": AlexNet, "vgg": VGG, "resnet": Res
 
 
 class Probabilities(nn.Module):
-    """What is exported: softmax over the logits, so every client gets calibrated scores."""
+    """What is exported: softmax over the logits, so every client gets calibrated scores; with the
+    detector, also each image's reconstruction error and out-of-distribution score."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, image):
-        return torch.softmax(self.model(image), dim=-1)
+        probabilities = torch.softmax(self.model(image), dim=-1)
+        detector = getattr(self.model, "detector", None)
+        if detector is None:
+            return probabilities
+        error = detector.error(image)
+        return probabilities, error, detector.score(error)
+
+
+def ood_images(cfg: ClassifyConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Inputs the classifier was never trained for, made into model inputs by the service's own
+    preprocessing (grayscale, resize, dark-on-light flipped, normalised): crops of the natural
+    photographs, generated scenes of shapes, and typed digits (a TrueType font, both polarities)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from contract import ImageSpec
+    from services.imaging import to_model_input
+    from training.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, _skimage_photo
+    from training.scenes import generate_scenes
+
+    spec = ImageSpec(height=cfg.image_size, width=cfg.image_size, channels=1, mean=cfg.mean, std=cfg.std)
+    rng = np.random.default_rng(seed)
+    photos = [_skimage_photo(n) for n in (*TRAIN_PHOTOS, *HELDOUT_PHOTOS)]
+    crops = []
+    for _ in range(200):
+        photo = photos[rng.integers(len(photos))]
+        side = int(rng.integers(16, min(photo.shape) // 2))
+        y, x = rng.integers(0, photo.shape[0] - side), rng.integers(0, photo.shape[1] - side)
+        crops.append(Image.fromarray((photo[y:y + side, x:x + side] * 255).astype(np.uint8)))
+    scenes = [Image.fromarray((s * 255).astype(np.uint8)) for s in generate_scenes(200, seed + 1)[0]]
+    typed = []
+    for i in range(200):
+        size = int(rng.integers(18, 27))
+        font = ImageFont.load_default(size=size)
+        ink, paper = (0, 255) if i % 2 else (255, 0)
+        canvas = Image.new("L", (28, 28), paper)
+        ImageDraw.Draw(canvas).text((14 + rng.integers(-2, 3), 14 + rng.integers(-2, 3)), str(i % 10), fill=ink,
+                                    font=font, anchor="mm")
+        typed.append(canvas)
+    return {name: torch.from_numpy(np.concatenate([to_model_input(im, spec) for im in images]))
+            for name, images in (("photos", crops), ("scenes", scenes), ("typed", typed))}
+
+
+def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
+    """Probability that an outlier scores above an inlier (ties count half): the ROC area."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.r_[np.zeros(len(inliers)), np.ones(len(outliers))], np.r_[inliers, outliers]))
 
 
 class ClassifyFamily(Family):
@@ -140,6 +229,11 @@ class ClassifyFamily(Family):
     config_cls = ClassifyConfig
     primary_metric = "accuracy"
     floor = 0.98
+    graph_version = 2  # 2: reconstruction_error and ood_score out beside the probabilities
+    # Accuracy reaches 1.0 on the digits early; of the states that tie, the lowest held-out training
+    # objective (cross-entropy + the autoencoder's error) wins, so the detector is not left half-trained.
+    lower_is_better = ("heldout_loss", "heldout_objective", "ood_heldout_error_median")
+    tie_break = "heldout_objective"
     profiles = {
         "quick": {"train": {"steps": 150, "eval_every": 75, "lr": 3e-3, "warmup_steps": 10}, "model": {}},
         "standard": {"train": {"steps": 2500, "eval_every": 250, "lr": 3e-3, "batch_size": 64}, "model": {}},
@@ -148,7 +242,10 @@ class ClassifyFamily(Family):
     def build(self, cfg: ClassifyConfig) -> nn.Module:
         if cfg.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, not {cfg.architecture!r}")
-        return ARCHITECTURES[cfg.architecture](cfg)
+        model = ARCHITECTURES[cfg.architecture](cfg)
+        if cfg.ood:
+            model.detector = DigitAutoencoder(cfg)  # its own parameters; the classifier's forward ignores it
+        return model
 
     def load_data(self, cfg: ClassifyConfig, train_cfg, data_path, seed) -> Data:
         images, labels, names, fp, desc = load_labelled_images(data_path, cfg.image_size)
@@ -159,7 +256,8 @@ class ClassifyFamily(Family):
         raw = endless_batches((images[train_idx], labels[train_idx]), train_cfg.batch_size, seed)
         batches = ((self.normalize(cfg, random_affine(x, gen)), y) for x, y in raw)
         heldout = (self.normalize(cfg, images[held_idx]), labels[held_idx])
-        return Data(batches, heldout, fp, desc, meta={"labels": names, "heldout_size": len(held_idx)})
+        return Data(batches, heldout, fp, desc, meta={"labels": names, "heldout_size": len(held_idx)},
+                    extra={"ood": ood_images(cfg, seed) if cfg.ood else {}})
 
     @staticmethod
     def normalize(cfg: ClassifyConfig, images: torch.Tensor) -> torch.Tensor:
@@ -167,14 +265,28 @@ class ClassifyFamily(Family):
 
     def loss(self, model, batch):
         x, y = batch
-        return F.cross_entropy(model(x), y, label_smoothing=0.05)
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+        if hasattr(model, "detector"):  # separate parameters: the sum trains both in one step
+            loss = loss + model.detector.error(x).mean()
+        return loss
 
     @torch.no_grad()
     def evaluate(self, model, data: Data) -> dict[str, float]:
+        """Accuracy on the held-out digits; with the detector, it is calibrated on them and its ROC
+        area for them against each non-digit set (error as the score; 1.0 = always tells)."""
         x, y = data.heldout
         logits = model(x)
-        return {"accuracy": float((logits.argmax(-1) == y).float().mean()),
-                "heldout_loss": float(F.cross_entropy(logits, y))}
+        metrics = {"accuracy": float((logits.argmax(-1) == y).float().mean()),
+                   "heldout_loss": float(F.cross_entropy(logits, y))}
+        if hasattr(model, "detector"):
+            digits = model.detector.error(x)
+            model.detector.calibrate(digits)
+            outliers = {name: model.detector.error(images).numpy() for name, images in data.extra["ood"].items()}
+            metrics["ood_auroc"] = auroc(digits.numpy(), np.concatenate(list(outliers.values())))
+            metrics.update({f"ood_auroc_{name}": auroc(digits.numpy(), errors) for name, errors in outliers.items()})
+            metrics["ood_heldout_error_median"] = float(digits.median())
+        metrics["heldout_objective"] = metrics["heldout_loss"] + (float(digits.mean()) if hasattr(model, "detector") else 0.0)
+        return metrics
 
     def heldout_examples(self, data: Data) -> list[tuple[torch.Tensor, ...]]:
         x, _ = data.heldout
@@ -182,7 +294,8 @@ class ClassifyFamily(Family):
 
     def export_spec(self, model, cfg: ClassifyConfig, checkpoint: dict) -> ExportSpec:
         examples = checkpoint["heldout_examples"]
-        return ExportSpec(Probabilities(model), examples[-1], ["image"], ["probabilities"],
+        outputs = ["probabilities", *(["reconstruction_error", "ood_score"] if cfg.ood else [])]
+        return ExportSpec(Probabilities(model), examples[-1], ["image"], outputs,
                           ({0: Dim("batch", min=1, max=1024)},), examples)
 
     def contract(self, cfg: ClassifyConfig, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
@@ -191,7 +304,13 @@ class ClassifyFamily(Family):
             name=self.name, family=self.name, task=self.task, architecture=cfg.architecture,
             inputs=[TensorSpec("image", "float32", [-1, 1, s, s], ["batch", "channel", "height", "width"],
                                "grayscale, light strokes on dark, (pixel/255 - mean) / std")],
-            outputs=[TensorSpec("probabilities", "float32", [-1, cfg.num_classes], ["batch", "class"])],
+            outputs=[TensorSpec("probabilities", "float32", [-1, cfg.num_classes], ["batch", "class"]),
+                     *([TensorSpec("reconstruction_error", "float32", [-1], ["batch"],
+                                   "the digit autoencoder's mean squared error on the normalised input"),
+                        TensorSpec("ood_score", "float32", [-1], ["batch"],
+                                   "where this input's error falls among the held-out digits' errors (their "
+                                   "distribution, linear between percentiles): about 0.5 for a digit, 1.0 when "
+                                   "worse than every held-out digit")] if cfg.ood else [])],
             image=ImageSpec(height=s, width=s, channels=1, mean=cfg.mean, std=cfg.std, foreground="light"),
             labels=list(checkpoint["data"]["labels"]),
             limits={"max_pixels": 16_000_000, "max_batch": 256},

@@ -112,7 +112,8 @@ class GAN(nn.Module):
 
 def penultimate_features(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     """What the last linear layer of a classifier sees: its feature space."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    last = [m for name, m in model.named_modules()  # the classifier's, not its digit autoencoder's
+            if isinstance(m, nn.Linear) and not name.startswith("detector")][-1]
     seen: list[torch.Tensor] = []
     handle = last.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     try:

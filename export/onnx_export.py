@@ -111,21 +111,17 @@ def export_onnx(family: Family, ckpt_dir: Path | None = None, tolerance: float =
     return result
 
 
-def save_to_store(result: ExportResult, family: Family, ckpt_dir: Path | None = None) -> str:
-    """Adds the ONNX file (and e.g. the tokenizer) as a new version in the BentoML model store."""
-    import bentoml
-
-    ckpt = result.checkpoint
-    ckpt_dir = ckpt_dir or family_dir(result.contract.name)
-    metadata = {
+def store_metadata(family: Family, ckpt: dict, contract: ModelContract, parity_max_abs_diff: float | None) -> dict:
+    """What the store keeps beside a model's files (and /models, OIP metadata show)."""
+    return {
         "family": family.name,
         "task": family.task,
-        "architecture": result.contract.architecture,
+        "architecture": contract.architecture,
         "profile": ckpt["profile"],
         "metrics": ckpt["metrics"],
         "benchmark": ckpt.get("benchmark", {}),  # figures on the benchmark's standard split (Set12 PSNR)
         "primary_metric": family.primary_metric,
-        "parity_max_abs_diff": result.parity_max_abs_diff,
+        "parity_max_abs_diff": parity_max_abs_diff,
         "data_fingerprint": ckpt["data"]["fingerprint"],
         "data_description": ckpt["data"]["description"],
         "git_revision": git_revision(),
@@ -134,6 +130,15 @@ def save_to_store(result: ExportResult, family: Family, ckpt_dir: Path | None = 
         "model_config": ckpt["model_config"],
         "train_config": ckpt["train_config"],
     }
+
+
+def save_to_store(result: ExportResult, family: Family, ckpt_dir: Path | None = None) -> str:
+    """Adds the ONNX file (and e.g. the tokenizer) as a new version in the BentoML model store."""
+    import bentoml
+
+    ckpt_dir = ckpt_dir or family_dir(result.contract.name)
+    metadata = {**store_metadata(family, result.checkpoint, result.contract, result.parity_max_abs_diff),
+                "variant": "fp32"}
     # The context manager only commits the model to the store if the block finishes.
     with bentoml.models.create(result.contract.name, labels={"family": family.name, "task": family.task},
                                metadata=metadata) as stored:

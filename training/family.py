@@ -60,6 +60,13 @@ class Family:
     benchmark_columns: dict[str, str] = {}
     anchors: dict[str, dict[str, float]] = {}
     benchmark_goal: str = ""
+    # Per-runtime variants (export/variants.py): how int8 is made, which ops stay fp32 in the fp16
+    # graph (no fp16 kernel where it is checked), and how far a variant's primary figure may fall
+    # below the fp32 graph's (in the metric's own units).
+    int8_method: str = "static"  # static (calibrated QDQ) | dynamic
+    int8_ops: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    fp16_keep_fp32: tuple[str, ...] = ()
+    variant_tolerance: float = 0.0
     # Bumped when the exported graph's interface changes: `--build-missing` re-exports stored
     # versions of an older graph from their checkpoint.
     graph_version: int = 1
@@ -107,6 +114,20 @@ class Family:
         """What the report shows of a trained model besides its curves: title -> image array
         (H, W) or (H, W, 3) in [0, 1], or text. Built from packaged data and the checkpoint only."""
         return {}
+
+    # --- variants ---
+    def graph_model(self, run, cfg) -> Any:
+        """The exported graph (``run``: feeds -> outputs by name) standing in for the PyTorch model
+        in ``evaluate``, so a variant's gate is the family's own held-out figure."""
+        raise NotImplementedError
+
+    def calibration_inputs(self, data: Data, cfg, batches: int = 8) -> list[tuple[torch.Tensor, ...]]:
+        """Graph inputs drawn from the training stream, for static int8's activation ranges."""
+        raise NotImplementedError
+
+    def gate_data(self, data: Data) -> Data:
+        """The held-out data a variant's gate evaluates on (a family may shorten it)."""
+        return data
 
     # --- artifacts ---
     def save_extra(self, model: nn.Module, data: Data, out_dir: Path) -> None:

@@ -4,6 +4,7 @@ reconstruction error, calibrated on the held-out digits, is the out-of-distribut
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,6 +288,15 @@ class ClassifyFamily(Family):
             metrics["ood_heldout_error_median"] = float(digits.median())
         metrics["heldout_objective"] = metrics["heldout_loss"] + (float(digits.mean()) if hasattr(model, "detector") else 0.0)
         return metrics
+
+    variant_tolerance = 0.01  # accuracy: one point
+
+    def graph_model(self, run, cfg: ClassifyConfig):
+        # Log-probabilities stand for the logits: the same argmax and the same cross-entropy.
+        return lambda x: torch.from_numpy(run({"image": x.numpy()})["probabilities"]).clamp_min(1e-30).log()
+
+    def calibration_inputs(self, data: Data, cfg, batches: int = 8):
+        return [(x,) for x, _ in itertools.islice(data.train_batches, batches)]
 
     def heldout_examples(self, data: Data) -> list[tuple[torch.Tensor, ...]]:
         x, _ = data.heldout

@@ -5,6 +5,7 @@ pooling gives a wide receptive field for the compute (the DRUNet idea, Zhang et 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,14 @@ class DenoiseFamily(Family):
             blind = torch.from_numpy(rng.random((batch_size, 1)) < cfg.blind_fraction)
             level = torch.where(blind, torch.full_like(sigma, BLIND), sigma)
             yield noisy, level, clean
+
+    variant_tolerance = 0.2  # dB of PSNR gain
+
+    def graph_model(self, run, cfg: DenoiseConfig):
+        return lambda noisy, level: torch.from_numpy(run({"noisy": noisy.numpy(), "noise_level": level.numpy()})["denoised"])
+
+    def calibration_inputs(self, data: Data, cfg, batches: int = 8):
+        return [(noisy, level) for noisy, level, _ in itertools.islice(data.train_batches, batches)]
 
     def loss(self, model, batch):
         noisy, level, clean = batch

@@ -5,6 +5,7 @@ and loss, exported with its recurrent state."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,34 @@ def sample_text(model: GPT, tokenizer, prompt: torch.Tensor, new_tokens: int, se
     return tokenizer.decode(prompt.tolist()) + "|" + tokenizer.decode(out[0, len(prompt):].tolist())
 
 
+class GraphLM:
+    """The exported decoder standing in for the PyTorch model in ``evaluate``: full logits
+    (1, T, V) for a row of ids, one token per call, carrying the key/value cache or the recurrent
+    state from call to call as the text engine does."""
+
+    def __init__(self, run, cfg: GenerateConfig):
+        self.run, self.cfg = run, cfg
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        cfg, logits = self.cfg, []
+        if cfg.architecture == "gpt2":
+            head_dim = cfg.n_embd // cfg.n_head
+            past = {n: np.zeros((1, cfg.n_head, 0, head_dim), np.float32) for n in cache_names(cfg.n_layer, "past")}
+            for t, token in enumerate(ids[0].tolist()):
+                out = self.run({"input_ids": np.array([[token]]), "attention_mask": np.ones((1, t + 1), np.int64),
+                                "position_ids": np.array([[t]]), **past})
+                past = {n: np.concatenate([v, out[n.replace("past", "new")]], axis=2) for n, v in past.items()}
+                logits.append(out["logits"])
+        else:
+            state = {n: np.zeros((1, cfg.n_layer, cfg.n_embd), np.float32)
+                     for n in state_names(STATE_PARTS[cfg.architecture], "state")}
+            for token in ids[0].tolist():
+                out = self.run({"input_ids": np.array([[token]]), **state})
+                state = {n: out["new_" + n] for n in state}
+                logits.append(out["logits"])
+        return torch.from_numpy(np.concatenate(logits, axis=1))
+
+
 def cache_names(n_layer: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
@@ -177,6 +206,26 @@ class GenerateFamily(Family):
 
     def build(self, cfg: GenerateConfig) -> nn.Module:
         return GPT(cfg) if cfg.architecture == "gpt2" else RecurrentLM(cfg)
+
+    # Dynamic int8 on the projections (and the LSTM's own kernel); a recurrent graph's LSTM/GRU stay
+    # fp32 in fp16, where the check runs on a CPU that has no fp16 kernel for them.
+    int8_method = "dynamic"
+    int8_ops = ("MatMul", "Gemm", "LSTM")
+    fp16_keep_fp32 = ("LSTM", "GRU")
+    variant_tolerance = 0.02  # nats per character
+    GATE_TOKENS = 2048
+
+    def graph_model(self, run, cfg: GenerateConfig):
+        return GraphLM(run, cfg)
+
+    def gate_data(self, data: Data) -> Data:
+        """The first GATE_TOKENS held-out tokens (token by token through the graph is slow)."""
+        ids, n_chars = data.heldout
+        short = ids[:self.GATE_TOKENS]
+        return dataclasses.replace(data, heldout=(short, len(data.extra["tokenizer"].decode(short.tolist()))))
+
+    def calibration_inputs(self, data: Data, cfg, batches: int = 8):
+        return []  # dynamic quantization measures activations at run time
 
     def load_data(self, cfg: GenerateConfig, train_cfg, data_path, seed) -> Data:
         text, fp, desc = load_text(data_path)

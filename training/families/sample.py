@@ -8,6 +8,8 @@ real and generated digits in the classifier's penultimate features (FID's recipe
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,6 +292,19 @@ class SampleFamily(Family):
         images = model.generator(torch.randn(len(class_id), cfg.latent_dim, generator=gen), class_id)[:, 0]
         rows = images.view(cfg.num_classes, per_class, cfg.image_size, cfg.image_size)
         return torch.cat([torch.cat(list(row), dim=-1) for row in rows], dim=-2)
+
+    variant_tolerance = 0.02  # class agreement: two points
+
+    def graph_model(self, run, cfg: SampleConfig):
+        generate = lambda latent, class_id: torch.from_numpy(  # noqa: E731
+            run({"latent": latent.numpy(), "class_id": class_id.numpy()})["images"])
+        return SimpleNamespace(cfg=cfg, generator=generate)
+
+    def calibration_inputs(self, data: Data, cfg: SampleConfig, batches: int = 8):
+        # A generator's inputs are its prior, not the digits: seeded latents over every class.
+        gen = torch.Generator().manual_seed(11)
+        class_id = torch.arange(cfg.num_classes).repeat(8)
+        return [(torch.randn(len(class_id), cfg.latent_dim, generator=gen), class_id) for _ in range(batches)]
 
     def heldout_examples(self, data: Data):
         return []  # a generator has no held-out inputs: export draws fresh latents (see export_spec)

@@ -6,6 +6,7 @@ unlabelled pixels ignored."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +239,15 @@ class SegmentFamily(Family):
         if torch.rand(()) < 0.5:
             x, y = x.flip(-1), y.flip(-1)
         return x, y
+
+    variant_tolerance = 0.01  # mean IoU: one point
+
+    def graph_model(self, run, cfg: SegmentConfig):
+        # The graph returns the mask; its one-hot has the same argmax as the logits.
+        return lambda x: F.one_hot(torch.from_numpy(run({"image": x.numpy()})["mask"]), cfg.num_classes).permute(0, 3, 1, 2)
+
+    def calibration_inputs(self, data: Data, cfg, batches: int = 8):
+        return [(batch[0],) for batch in itertools.islice(data.train_batches, batches)]
 
     def loss(self, model, batch):
         x, y, *weights = batch  # the class weights ride with the batch when the profile balances classes

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             except VariantRefused as refused:
                 print(f"[{stored_names[variant]}] {refused}")
                 continue
-            line = f"[{stored_names[variant]}] {made.onnx_path}: {made.gate.method}; {made.gate.reason}"
+            line = (f"[{stored_names[variant]}] {made.onnx_path}: {made.gate.method}; {made.gate.reason}: "
+                    f"{made.gate.summary()}")
             if not args.no_store:
                 line += f", stored as {save_variant_to_store(made, family, family_dir(name))}"
             print(line)

@@ -112,8 +112,9 @@ def export_onnx(family: Family, ckpt_dir: Path | None = None, tolerance: float =
 
 
 def store_metadata(family: Family, ckpt: dict, contract: ModelContract, parity_max_abs_diff: float | None) -> dict:
-    """What the store keeps beside a model's files (and /models, OIP metadata show)."""
-    return {
+    """What the store keeps beside a model's files (and /models, OIP metadata show); no parity
+    figure for a variant (its gate says how it compares with fp32)."""
+    metadata = {
         "family": family.name,
         "task": family.task,
         "architecture": contract.architecture,
@@ -130,6 +131,9 @@ def store_metadata(family: Family, ckpt: dict, contract: ModelContract, parity_m
         "model_config": ckpt["model_config"],
         "train_config": ckpt["train_config"],
     }
+    if parity_max_abs_diff is None:
+        del metadata["parity_max_abs_diff"]
+    return metadata
 
 
 def save_to_store(result: ExportResult, family: Family, ckpt_dir: Path | None = None) -> str:

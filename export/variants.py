@@ -71,6 +71,11 @@ class Gate:
         """How much worse than fp32, in the metric's units (negative: better)."""
         return self.fp32 - self.value if self.higher_is_better else self.value - self.fp32
 
+    def summary(self) -> str:
+        return (f"{self.metric} {self.value:.4f} against fp32's {self.fp32:.4f} (tolerance {self.tolerance:g}); "
+                f"{self.variant_ms:.2f} ms against fp32's {self.fp32_ms:.2f} ms for the export inputs on the CPU "
+                f"provider, {self.speedup:.2f}x")
+
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "speedup": round(self.speedup, 3), "quality_loss": self.loss}
 
@@ -195,15 +200,15 @@ def export_variant(family: Family, ckpt_dir: Path, variant: str, data_path: Path
             gate.reason = (f"slower than fp32 on this CPU ({gate.variant_ms:.2f} ms against {gate.fp32_ms:.2f} ms "
                            f"for the export inputs)")
         if gate.reason:
-            raise VariantRefused(f"{name}: refused: {gate.reason}; nothing was written", gate)
+            raise VariantRefused(f"refused: {gate.reason}; nothing was written ({gate.summary()}; {method})", gate)
         gate.passed = True
-        gate.reason = (f"{metric} {value:.4f} (fp32 {fp32_figure:.4f}); {gate.speedup:.2f}x fp32's speed on the CPU "
-                       "provider" + (" (fp16 runs cast on a CPU; it is for GPUs)" if variant == "fp16" else ""))
+        gate.reason = "passed" + (" (fp16 is for GPUs: a CPU runs it through casts, so no speed gate)"
+                                  if variant == "fp16" else "")
         result = VariantResult(family.name, variant, target, contract, gate, checkpoint)
 
     atomic_write(target, write)
     assert result is not None
-    log.info("%s: %s", name, result.gate.reason)
+    log.info("%s: %s; %s", name, result.gate.reason, result.gate.summary())
     return result
 
 

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per row; the row shows the median run by req/s")
     parser.add_argument("--connections", default="8,32", help="comma-separated connection counts")
     parser.add_argument("--suite-dir", type=Path, default=REPO, help="checkout whose service to start")
-    parser.add_argument("--only", default="", help="comma-separated row groups: reference,classify,oip,batching")
+    parser.add_argument("--only", default="", help="comma-separated row groups: reference,classify,oip,batching,variants")
     args = parser.parse_args(argv)
     connections = [int(c) for c in args.connections.split(",")]
     if not 0 < args.seconds <= 120 or not all(0 < c <= 512 for c in connections) or not 1 <= args.repeats <= 9:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
     if missing:
         parser.error(f"needs {missing} (Debian: apt-get install wrk nghttp2-client)")
-    groups = set(filter(None, args.only.split(","))) or {"reference", "classify", "oip", "batching"}
+    groups = set(filter(None, args.only.split(","))) or {"reference", "classify", "oip", "batching", "variants"}
     os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))  # the Makefile's store
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
           f"per row (median shown), connections {connections}; load: wrk -t1 (HTTP/1.1), h2load -t1 -m1 (gRPC, HTTP/2)")
     print(f"model {model.parent.name} ({contract.architecture}); same machine for servers and load generator")
     rows: list[tuple[str, int, Result]] = []
+    quality: dict[str, str] = {}  # row name -> the variant's held-out figure (its gate, from the store)
 
     def row(name: str, c: int, measure) -> None:
         runs = sorted((measure() for _ in range(args.repeats)), key=lambda r: r.rps)
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         for batching, wanted in (("true", groups & {"classify", "oip", "batching"}), ("false", groups & {"batching"})):
             if not wanted:
                 continue
-            suite = start_labelled_suite({"SUITE_BATCHING": batching}, workdir, args.suite_dir)
+            # fp32, the graph the reference serves, whatever variants the store holds
+            suite = start_labelled_suite({"SUITE_BATCHING": batching, "SUITE_VARIANT": "fp32"}, workdir, args.suite_dir)
             try:
                 if batching == "true" and "classify" in groups:
                     check_classify(suite.url, classify_body, classify_type, label)
@@ -282,14 +284,48 @@ def main(argv: list[str] | None = None) -> int:
                         check_png(suite.url, path, body, ctype)
             finally:
                 suite.stop()
+        if "variants" in groups:
+            payloads = {"classify": (png, {"top_k": "5"}), "segment": (scene_png()[0], {}),
+                        "denoise": (photo_png(size=64)[0], {"sigma": "25"})}
+            # fp32 for a plain model name; each variant by its own name, side by side in one server
+            suite = start_labelled_suite({"SUITE_VARIANT": "fp32"}, workdir, args.suite_dir)
+            try:
+                for family, (image, fields) in payloads.items():
+                    for variant, name, gate in stored_variants(family):
+                        body, ctype = multipart(image, model=name, **fields)
+                        if family == "classify":
+                            check_classify(suite.url, body, ctype, label)
+                        else:
+                            check_png(suite.url, f"/{family}", body, ctype)
+                        row(f"suite /{family} variant={variant}", connections[0], lambda: wrk(
+                            suite.url, f"/{family}", body, {"Content-Type": ctype}, connections[0], args.seconds, workdir))
+                        quality[f"suite /{family} variant={variant}"] = gate
+            finally:
+                suite.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    summarize(rows, suite_workers)
+    summarize(rows, suite_workers, quality)
     return 1 if any(r.errors for _, _, r in rows) else 0
 
 
-def summarize(rows: list[tuple[str, int, Result]], suite_workers: int) -> None:
+def stored_variants(family: str) -> list[tuple[str, str, str]]:
+    """(variant, served name, quality figure) for the family's default model and each export
+    variant of it in the store (its gate's figure; fp32's is the one the gates compared with)."""
+    import bentoml
+
+    found = [("fp32", family, "")]
+    for m in bentoml.models.list():
+        meta = m.info.metadata
+        if meta.get("variant_of") == family and m.tag.name not in {n for _, n, _ in found}:
+            gate = meta.get("gate") or {}
+            found.append((meta["variant"], m.tag.name, f"{gate.get('metric')} {gate.get('value', float('nan')):.4f}"))
+            if not found[0][2]:
+                found[0] = ("fp32", family, f"{gate.get('metric')} {gate.get('fp32', float('nan')):.4f}")
+    return found
+
+
+def summarize(rows: list[tuple[str, int, Result]], suite_workers: int, quality: dict[str, str] | None = None) -> None:
     by = {(name, c): r for name, c, r in rows}
     ref1 = {c: r for (name, c), r in by.items() if name.startswith("reference FastAPI 1w ")}
     refn = {c: r for (name, c), r in by.items() if name.startswith(f"reference FastAPI {suite_workers}w ")}
@@ -301,6 +337,17 @@ def summarize(rows: list[tuple[str, int, Result]], suite_workers: int) -> None:
         ratio1 = f"{r.rps / ref1[c].rps:.2f}x" if same_work and c in ref1 else "-"
         ration = f"{r.rps / refn[c].rps:.2f}x" if same_work and c in refn else "-"
         print(f"| {name} | {c} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {ratio1} | {ration} |")
+    variant_rows = [(name, c, r) for name, c, r in rows if "variant=" in name]
+    if variant_rows:
+        print()
+        print("| route | variant | conns | req/s | p50 ms | p99 ms | vs fp32 | held-out figure |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, c, r in variant_rows:
+            route, variant = name.removeprefix("suite ").split(" variant=")
+            fp32 = by.get((f"suite {route} variant=fp32", c))
+            ratio = f"{r.rps / fp32.rps:.2f}x" if fp32 else "-"
+            print(f"| {route} | {variant} | {c} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {ratio} | "
+                  f"{(quality or {}).get(name) or '-'} |")
     for path in ("/segment", "/denoise"):
         for c in sorted({c for _, c, _ in rows}):
             on, off = by.get((f"suite {path} batching=true", c)), by.get((f"suite {path} batching=false", c))

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from loadtest.servers import start_suite
 
-    server = start_suite({}, Path(tempfile.mkdtemp(prefix="bench-text-")) / "suite.log", cwd=REPO)
+    # fp32 for a plain model name (the reference is the fp32 checkpoint); variants by their own names
+    server = start_suite({"SUITE_VARIANT": "fp32"}, Path(tempfile.mkdtemp(prefix="bench-text-")) / "suite.log", cwd=REPO)
     port = int(server.url.rsplit(":", 1)[1])
     rows = []
     try:

@@ -91,10 +91,22 @@ class ServingConfig:
     text_prefill_tokens: int = 2048  # padded prompt tokens prefilled in one session run (bounds the others' stall)
     text_stream_interval_ms: float = 10.0  # a stream's reader is woken at most this often (first and last chunk at
     #   once); text in between goes out joined. Measured at 8 streams: 2,100-2,600 tokens/s with 0, 3,100 with 10
+    variant: str = "auto"  # which export variant answers a request that names a model without a version: fp32, int8,
+    #   fp16, or auto = the fastest stored variant for this server's provider (on a CPU the one whose gate measured the
+    #   most speed over fp32, so int8 where it was shipped; on CUDA fp16 where it was shipped); else fp32
+    model_variants: tuple[str, ...] = ()  # per-model overrides, "model=variant": SUITE_MODEL_VARIANTS="classify=fp32"
     api_key: str = field(default="", repr=False)  # when set, every route but health and metrics needs
     #   "Authorization: Bearer <key>" (gRPC: that metadata); empty = open. Prefer SUITE_API_KEY to --arg (process lists),
     #   or SUITE_API_KEY_FILE (a file holding the key, e.g. a mounted Secret)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown --arg keys, reported
+
+    def variant_for(self, model: str) -> str:
+        """The variant configured for ``model``: its model_variants entry, else ``variant``."""
+        for entry in self.model_variants:
+            target, _, value = entry.partition("=")
+            if target == model:
+                return value
+        return self.variant
 
     def limits(self, model: str) -> "ModelLimits":
         """The queueing and batching limits of one model: the global ones, then its overrides."""
@@ -158,6 +170,11 @@ class ServingConfig:
             value = parse_value(name, PER_MODEL_LIMITS[name], raw)
             if value < (1 if name != "max_queue_wait_ms" else 0):
                 raise ValueError(f"model_limits: {entry!r} is out of range")
+        for entry in (f"variant={self.variant}", *self.model_variants):
+            target, eq, value = entry.partition("=")
+            if not eq or not MODEL_NAME.match(target) or value not in VARIANT_CHOICES:
+                raise ValueError(f"{entry!r}: a variant is one of {list(VARIANT_CHOICES)} (model_variants entries: "
+                                 "<model>=<variant>)")
         for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "max_queue_wait_ms", "probe_port",
                      "repository_poll_s", "keepalive_requests", "keepalive_streams",
                      "text_max_waiting", "text_stream_interval_ms"):
@@ -169,6 +186,7 @@ class ServingConfig:
                 raise ValueError(f"{name} must be >= 1")
 
 
+VARIANT_CHOICES = ("auto", "fp32", "int8", "fp16")
 PER_MODEL_LIMITS = {"max_queue": "int", "max_queue_wait_ms": "float", "max_batch_size": "int",
                     "text_max_live": "int", "text_max_waiting": "int"}
 

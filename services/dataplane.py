@@ -61,6 +61,8 @@ class DataPlane:
         self.control = control  # model control across workers (services.control.ModelControl); None: this process
         self._readiness: dict[str, Callable[[], str | None]] = {}
         self._handlers: dict[str, TaskHandler] = {family: kind() for family, kind in HANDLERS.items()}
+        self._variant_table: dict[str, dict[str, tuple[str, float]]] | None = None
+        self._cuda: bool | None = None  # whether sessions run on CUDA (decides the auto variant)
 
     # ---- health ----------------------------------------------------------------------------------
 
@@ -111,6 +113,7 @@ class DataPlane:
         return await self._control(name, WantedState(False))
 
     async def _control(self, name: str, wanted: WantedState) -> dict:
+        self._variant_table = None  # a new version may be (or stop being) a variant
         self.repository.versions(name)  # 404 for a model this server does not serve
         if wanted.version:  # 404 for a version not in the store (apply re-reads it in every worker anyway)
             self.repository.refresh([name])
@@ -137,7 +140,10 @@ class DataPlane:
         extra_in, extra_out = self.handler(contract.family).extra_tensors(contract)
         tensors = lambda specs: [{"name": t.name, "datatype": t.oip_datatype, "shape": list(t.shape)} for t in specs]  # noqa: E731
         return {"name": name, "versions": self.repository.versions(name), "platform": PLATFORM,
-                "inputs": tensors(contract.inputs) + extra_in, "outputs": tensors(contract.outputs) + extra_out}
+                "inputs": tensors(contract.inputs) + extra_in, "outputs": tensors(contract.outputs) + extra_out,
+                # beyond the protocol's fields (REST only): which export variant this is, and which
+                # served model answers a request for it without a version
+                "variant": contract.extra.get("variant", "fp32"), "answered_by": self.route(name)}
 
     def models(self) -> list[dict]:
         """Every served model: newest version, contract, training data and metrics, benchmark
@@ -158,6 +164,8 @@ class DataPlane:
                         "parity_max_abs_diff": meta.get("parity_max_abs_diff"),
                         "data_fingerprint": meta.get("data_fingerprint"), "created_at": meta.get("created_at"),
                         "git_revision": meta.get("git_revision"), "versions": self.repository.versions(name),
+                        "variant": meta.get("variant", "fp32"), "variant_of": meta.get("variant_of"),
+                        "gate": meta.get("gate"), "answered_by": self.route(name),
                         "ready": self.repository.is_ready(name)})
         return out
 
@@ -165,7 +173,7 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, feeds: Tensors, parameters: Mapping[str, Any] | None = None,
                     requested: Iterable[str] | None = None) -> InferResult:
-        handle = await self.repository.handle(name, version)
+        handle = await self.repository.handle(name if version else self.route(name), version)
         handler = self.handler(handle.contract.family)
         result = await handler.infer_tensors(handle, feeds, parameters or {})
         outputs = result.outputs
@@ -234,7 +242,7 @@ class DataPlane:
                            parameters: Mapping[str, Any] | None = None) -> AsyncIterator[InferResult]:
         """Decoupled inference: a text model's results chunk by chunk, any other model's at once.
         Bad input raises here, before the first result."""
-        handle = await self.repository.handle(name, version)
+        handle = await self.repository.handle(name if version else self.route(name), version)
         results = await self.handler(handle.contract.family).stream_tensors(handle, feeds, parameters or {})
 
         async def named() -> AsyncIterator[InferResult]:
@@ -242,6 +250,53 @@ class DataPlane:
                 yield InferResult(handle.name, handle.version, result.outputs, result.parameters, result.final)
 
         return named()
+
+    # ---- export variants ---------------------------------------------------------------------------
+
+    def route(self, name: str) -> str:
+        """The served model that answers a request for ``name`` without a version: its configured
+        export variant (``<name>-int8``, ``<name>-fp16``) when that is served and ready, else
+        ``name`` itself. ``auto``: on CUDA the fp16 variant; on a CPU the variant whose gate
+        measured the most speed over fp32 (shipped variants passed their quality gate)."""
+        variants = self._variants()
+        if name not in variants:
+            return name
+        choice = self.repository.config.variant_for(name)
+        ready = {v: (served, speedup) for v, (served, speedup) in variants[name].items()
+                 if self.repository.is_ready(served)}
+        if choice == "fp32":
+            return name
+        if choice != "auto":
+            return ready.get(choice, (name, 1.0))[0]
+        if self._on_cuda():
+            return ready.get("fp16", (name, 1.0))[0]
+        best, best_speedup = name, 1.0
+        for served, speedup in ready.values():
+            if speedup > best_speedup:
+                best, best_speedup = served, speedup
+        return best
+
+    def _variants(self) -> dict[str, dict[str, tuple[str, float]]]:
+        """fp32 model name -> {variant: (its served name, its gate's speed-up)}, from the store's
+        metadata; read once (model control re-reads it)."""
+        if self._variant_table is None:
+            table: dict[str, dict[str, tuple[str, float]]] = {}
+            for name in self.repository.names:
+                if not self.repository.versions(name):
+                    continue
+                meta = self.repository.stored(name).metadata
+                base, variant = meta.get("variant_of"), meta.get("variant", "fp32")
+                if base and variant != "fp32":
+                    table.setdefault(base, {})[variant] = (name, float((meta.get("gate") or {}).get("speedup", 0.0)))
+            self._variant_table = table
+        return self._variant_table
+
+    def _on_cuda(self) -> bool:
+        if self._cuda is None:
+            from services.runtime import choose_providers
+
+            self._cuda = choose_providers(self.repository.config.providers)[0] == "CUDAExecutionProvider"
+        return self._cuda
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -255,7 +310,7 @@ class DataPlane:
         """The handler and a ready handle for ``model`` ("name" or "name:version"; the task's own
         model by default)."""
         name, _, version = (model or kind.task).partition(":")
-        handle = await self.repository.handle(name, version or None)
+        handle = await self.repository.handle(name if version else self.route(name), version or None)
         if handle.contract.family != kind.task:
             raise bad_request("model", f"model {name!r} is a {handle.contract.family} model, not {kind.task}")
         return self.handler(kind.task), handle

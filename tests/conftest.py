@@ -84,10 +84,30 @@ def build_bento(env: dict | None = None) -> str:
     return result.stdout.strip().splitlines()[-1].replace("__tag__:", "")
 
 
+VARIANT = ("sample", "fp16")  # an export variant served beside its fp32 model; the server routes /sample to it
+
+
 @pytest.fixture(scope="session")
-def server(built_models, second_models) -> Server:
-    """A real `bentoml serve` of bentofile.yaml's service, from the quick models, on free ports."""
-    server = start_suite({"SUITE_INTRA_OP_THREADS": "1"}, _TMP / "serve.log", timeout=180)
+def variant_models(built_models) -> dict[str, Built]:
+    """The quick GAN's fp16 variant (gated on class agreement; no speed gate, so the same on any
+    machine), stored as sample-fp16."""
+    from export.variants import export_variant, save_variant_to_store
+    from training.artifacts import family_dir
+    from training.registry import FAMILIES
+
+    family_name, variant = VARIANT
+    family = FAMILIES[family_name]
+    made = export_variant(family, family_dir(family_name), variant)
+    tag = save_variant_to_store(made, family, family_dir(family_name))
+    return {made.contract.name: Built(made.checkpoint["metrics"], float("nan"), tag, family_name)}
+
+
+@pytest.fixture(scope="session")
+def server(built_models, second_models, variant_models) -> Server:
+    """A real `bentoml serve` of bentofile.yaml's service, from the quick models, on free ports:
+    fp32 answers by default, except /sample, configured to its fp16 variant."""
+    server = start_suite({"SUITE_INTRA_OP_THREADS": "1", "SUITE_VARIANT": "fp32",
+                          "SUITE_MODEL_VARIANTS": "=".join(VARIANT)}, _TMP / "serve.log", timeout=180)
     try:
         yield server
     finally:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from loadtest.payloads import digit_png, photo_png, png_bytes, scene_png
 from loadtest.servers import free_port
-from tests.conftest import RECURRENT, SECOND, REPO, build_bento
+from tests.conftest import RECURRENT, SECOND, VARIANT, REPO, build_bento
 
 
 def post_image(server, path: str, png: bytes, **fields) -> requests.Response:
@@ -159,10 +159,16 @@ def test_generate_stream_joins_to_text(server):
     assert payloads[-1]["usage"] == whole["usage"]
 
 
-def test_models_endpoint(server, built_models, second_models):
+def test_models_endpoint(server, built_models, second_models, variant_models):
     body = requests.post(f"{server.url}/models", json={}, timeout=30).json()
     by_name = {m["name"]: m for m in body}
-    assert set(by_name) == set(built_models) | set(second_models)  # the defaults and every other stored model
+    # the defaults and every other stored model, export variants included
+    assert set(by_name) == set(built_models) | set(second_models) | set(variant_models)
+    (variant_name,) = variant_models
+    variant = by_name[variant_name]
+    assert variant["variant"] == VARIANT[1] and variant["variant_of"] == VARIANT[0] and variant["gate"]["passed"]
+    assert by_name[VARIANT[0]]["answered_by"] == variant_name and by_name["classify"]["answered_by"] == "classify"
+    assert by_name["classify"]["variant"] == "fp32"
     for name, built in {**built_models, **second_models}.items():
         m = by_name[name]
         assert f"{name}:{m['version']}" == built.tag
@@ -189,6 +195,13 @@ def test_model_choice_on_every_api(server, second_models):
     assert body["model"].startswith("classify" + SECOND + ":")
     r = requests.post(f"{server.url}/sample", json={"n": 2, "seed": 1, "model": "sample" + SECOND}, timeout=60)
     assert r.status_code == 200 and r.headers["x-model"].startswith("sample" + SECOND + ":")
+    # /sample is configured to its fp16 variant, and says so; a version pins the fp32 model
+    routed = requests.post(f"{server.url}/sample", json={"n": 2, "seed": 1}, timeout=60)
+    assert routed.status_code == 200 and routed.headers["x-model"].startswith("sample-fp16:")
+    fp32_version = requests.post(f"{server.url}/models", json={}, timeout=30).json()
+    version = next(m["version"] for m in fp32_version if m["name"] == "sample")
+    pinned = requests.post(f"{server.url}/sample", json={"n": 2, "seed": 1, "model": f"sample:{version}"}, timeout=60)
+    assert pinned.status_code == 200 and pinned.headers["x-model"] == f"sample:{version}"
     assert r.content != requests.post(f"{server.url}/sample", json={"n": 2, "seed": 1}, timeout=60).content
     text = {"prompt": "The ", "max_new_tokens": 4, "seed": 0, "model": "generate" + SECOND}
     assert requests.post(f"{server.url}/generate", json=text, timeout=60).json()["model"].startswith("generate" + SECOND)

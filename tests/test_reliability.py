@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from loadtest.fuzz import grpc_fuzz, schemathesis_run
 from loadtest.payloads import digit_png, png_bytes
 from loadtest.servers import start_suite, worker_pids
-from tests.conftest import RECURRENT, SECOND
+from tests.conftest import RECURRENT, SECOND, VARIANT
 
 JSON = {"Content-Type": "application/json"}
 
@@ -130,18 +130,19 @@ def classify_once(url: str) -> tuple[int, str | None]:
 def test_unload_and_load_over_http_and_grpc(server):
     index = requests.post(f"{server.url}/v2/repository/index", timeout=30).json()
     defaults = {"classify", "segment", "generate", "denoise", "sample"}
-    assert {e["name"] for e in index if e["state"] == "READY"} == defaults | {n + SECOND for n in defaults} | set(RECURRENT)
-    r = requests.post(f"{server.url}/v2/repository/models/sample/unload", timeout=120)
+    assert {e["name"] for e in index if e["state"] == "READY"} == (defaults | {n + SECOND for n in defaults}
+                                                                   | set(RECURRENT) | {"-".join(VARIANT)})
+    r = requests.post(f"{server.url}/v2/repository/models/generate/unload", timeout=120)
     assert r.status_code == 200 and r.json()["workers"] >= 1, r.text
-    refused = requests.post(f"{server.url}/sample", json={"n": 1}, timeout=30)
+    refused = requests.post(f"{server.url}/generate", json={"prompt": "The", "max_new_tokens": 2}, timeout=30)
     assert refused.status_code == 503 and "unloaded" in refused.json()["error"]
     assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200  # unloaded on purpose: still ready
     client = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
-    assert not client.is_model_ready("sample")
-    client.load_model("sample")  # the gRPC repository extension
-    assert client.is_model_ready("sample")
+    assert not client.is_model_ready("generate")
+    client.load_model("generate")  # the gRPC repository extension
+    assert client.is_model_ready("generate")
     states = {m.name: m.state for m in client.get_model_repository_index().models if m.state == "READY"}
-    assert "sample" in states
+    assert "generate" in states
     with pytest.raises(InferenceServerException) as info:
         client.load_model("nope")
     assert info.value.status() == "StatusCode.NOT_FOUND"

@@ -57,3 +57,62 @@ def test_export_cli_variant_all_reports_every_decision(built_models, capsys):
     assert main(["classify", "--variant", "all", "--no-store"]) == 0
     out = capsys.readouterr().out
     assert "[classify] " in out and "[classify-int8] " in out and "[classify-fp16] " in out
+
+
+class FakeRepository:
+    """What routing reads of a repository: names, stored metadata, readiness, configuration."""
+
+    def __init__(self, config, stored: dict[str, dict], ready: set[str]):
+        self.config, self._stored, self._ready = config, stored, ready
+        self.names = tuple(stored)
+
+    def versions(self, name):
+        return ["v1"]
+
+    def stored(self, name):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(metadata=self._stored[name])
+
+    def is_ready(self, name, version=None):
+        return name in self._ready
+
+
+@pytest.mark.parametrize("environ, cuda, expected", [
+    ({}, False, "classify-int8"),  # auto on a CPU: the variant its gate measured fastest
+    ({}, True, "classify-fp16"),  # auto on CUDA: fp16
+    ({"SUITE_VARIANT": "fp32"}, False, "classify"),
+    ({"SUITE_MODEL_VARIANTS": "classify=fp16"}, False, "classify-fp16"),
+    ({"SUITE_VARIANT": "fp16", "SUITE_MODEL_VARIANTS": "classify=int8"}, True, "classify-int8"),
+])
+def test_configuration_picks_the_variant(environ, cuda, expected):
+    from services.config import ServingConfig
+    from services.dataplane import DataPlane
+
+    stored = {"classify": {"variant": "fp32"},
+              "classify-int8": {"variant": "int8", "variant_of": "classify", "gate": {"speedup": 1.6}},
+              "classify-fp16": {"variant": "fp16", "variant_of": "classify", "gate": {"speedup": 0.4}},
+              "segment": {}}
+    plane = DataPlane(FakeRepository(ServingConfig.load(environ, {}), stored, set(stored)))
+    plane._cuda = cuda
+    assert plane.route("classify") == expected
+    assert plane.route("segment") == "segment"  # no variants: itself
+
+
+def test_a_variant_not_ready_falls_back_to_fp32():
+    from services.config import ServingConfig
+    from services.dataplane import DataPlane
+
+    stored = {"classify": {}, "classify-int8": {"variant": "int8", "variant_of": "classify", "gate": {"speedup": 2.0}}}
+    plane = DataPlane(FakeRepository(ServingConfig.load({}, {}), stored, {"classify"}))
+    plane._cuda = False
+    assert plane.route("classify") == "classify"
+
+
+def test_bad_variant_configuration_is_refused():
+    from services.config import ServingConfig
+
+    with pytest.raises(ValueError, match="variant"):
+        ServingConfig.load({"SUITE_VARIANT": "int4"}, {})
+    with pytest.raises(ValueError, match="variant"):
+        ServingConfig.load({"SUITE_MODEL_VARIANTS": "classify:int8"}, {})

@@ -91,7 +91,7 @@ class DataPlane:
     def admission_error(self, model: str) -> ServingError | None:
         """Why a request for ``model`` (its serving version) would be refused now, or None; cheap,
         so front-ends ask before reading a request's body."""
-        return self.repository.admission_error(model) if model else None
+        return self.repository.admission_error(self.route(model)) if model else None
 
     # ---- model control (the Open Inference Protocol's model repository extension) ----------------
 

@@ -9,6 +9,7 @@ import time
 import sys
 from pathlib import Path
 
+from contract import ONNX_FILE
 from training.artifacts import CHECKPOINT_FILE, REPO_ROOT, family_dir
 
 # The model store lives with the project unless told otherwise, never in the user's home.
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.monotonic()
                 run(family_name, args.profile, args.data, name=name)
                 print(f"[{name}] trained in {(time.monotonic() - started) / 60:.1f} min")
-        if "fp32" in todo or not (family_dir(name) / "model.onnx").exists():
+        if "fp32" in todo or not (family_dir(name) / ONNX_FILE).exists():
             result = export_onnx(family, family_dir(name))  # every variant is made from this graph
             line = f"[{name}] {result.onnx_path} parity max abs diff {result.parity_max_abs_diff:.2e}"
             if "fp32" in todo and not args.no_store:

@@ -138,15 +138,20 @@ def store_metadata(family: Family, ckpt: dict, contract: ModelContract, parity_m
 
 def save_to_store(result: ExportResult, family: Family, ckpt_dir: Path | None = None) -> str:
     """Adds the ONNX file (and e.g. the tokenizer) as a new version in the BentoML model store."""
-    import bentoml
-
-    ckpt_dir = ckpt_dir or family_dir(result.contract.name)
     metadata = {**store_metadata(family, result.checkpoint, result.contract, result.parity_max_abs_diff),
                 "variant": "fp32"}
+    return store_files(result.contract.name, family, metadata, result.onnx_path,
+                       ckpt_dir or family_dir(result.contract.name))
+
+
+def store_files(name: str, family: Family, metadata: dict, onnx_path: Path, ckpt_dir: Path, **labels: str) -> str:
+    """A new store version of ``name``: the ONNX file as model.onnx and the family's extra files."""
+    import bentoml
+
     # The context manager only commits the model to the store if the block finishes.
-    with bentoml.models.create(result.contract.name, labels={"family": family.name, "task": family.task},
+    with bentoml.models.create(name, labels={"family": family.name, "task": family.task, **labels},
                                metadata=metadata) as stored:
-        shutil.copy2(result.onnx_path, stored.path_of(ONNX_FILE))
-        for name in family.extra_files():
-            shutil.copy2(ckpt_dir / name, stored.path_of(name))
+        shutil.copy2(onnx_path, stored.path_of(ONNX_FILE))
+        for extra in family.extra_files():
+            shutil.copy2(ckpt_dir / extra, stored.path_of(extra))
     return str(stored.tag)

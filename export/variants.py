@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import statistics
 import tempfile
 import time
@@ -214,17 +213,9 @@ def export_variant(family: Family, ckpt_dir: Path, variant: str, data_path: Path
 
 def save_variant_to_store(result: VariantResult, family: Family, ckpt_dir: Path) -> str:
     """The variant as its own model, ``<name>-<variant>``, with its gate in the metadata."""
-    import bentoml
-
-    from export.onnx_export import store_metadata
+    from export.onnx_export import store_files, store_metadata
 
     metadata = {**store_metadata(family, result.checkpoint, result.contract, None),
                 "variant": result.variant, "variant_of": result.contract.extra["variant_of"],
                 "gate": json.loads(json.dumps(result.gate.as_dict()))}
-    with bentoml.models.create(result.contract.name, labels={"family": family.name, "task": family.task,
-                                                             "variant": result.variant},
-                               metadata=metadata) as stored:
-        shutil.copy2(result.onnx_path, stored.path_of(ONNX_FILE))
-        for extra in family.extra_files():
-            shutil.copy2(ckpt_dir / extra, stored.path_of(extra))
-    return str(stored.tag)
+    return store_files(result.contract.name, family, metadata, result.onnx_path, ckpt_dir, variant=result.variant)

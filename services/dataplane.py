@@ -262,10 +262,10 @@ class DataPlane:
         if name not in variants:
             return name
         choice = self.repository.config.variant_for(name)
-        ready = {v: (served, speedup) for v, (served, speedup) in variants[name].items()
-                 if self.repository.is_ready(served)}
         if choice == "fp32":
             return name
+        ready = {v: (served, speedup) for v, (served, speedup) in variants[name].items()
+                 if self.repository.is_ready(served)}
         if choice != "auto":
             return ready.get(choice, (name, 1.0))[0]
         if self._on_cuda():

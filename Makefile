@@ -9,7 +9,7 @@ PROFILE ?= standard
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve models benchmark-models report test build image image-loadtest loadtest bench bench-text fuzz overload soak clean
+.PHONY: serve models benchmark-models report test build image image-loadtest loadtest bench bench-text fuzz overload attack soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,9 @@ benchmark-models: $(BIN)/.installed
 report: $(BIN)/.installed
 	$(BIN)/python -m training report
 
+# SUITE_HOST: the gRPC (9000) and probe (3001) ports bind the same address as HTTP.
 serve: models
-	$(BIN)/bentoml serve --host $(HOST) --port $(PORT)
+	SUITE_HOST=$(HOST) $(BIN)/bentoml serve --host $(HOST) --port $(PORT)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
@@ -82,6 +83,11 @@ fuzz: models
 # /classify at 4x its saturating concurrency: goodput, 503 share, /readyz latency (needs wrk).
 overload: models
 	$(BIN)/python -m loadtest.overload
+
+# Every class of hostile or oversized input against a fresh server (two workers, the pod's 1536Mi
+# memory limit): statuses, the process tree's peak RSS, probe latency; exits 1 on a missed goal.
+attack: models
+	$(BIN)/python -m loadtest.attack
 
 # 10 minutes of the locustfile's mixed traffic, sampling each worker's RSS.
 soak: models

@@ -19,6 +19,7 @@ import torch
 from contract import CONTRACT_KEY, ONNX_FILE, ModelContract
 from training.artifacts import atomic_write, family_dir, git_revision
 from training.family import Family
+from export.memory import measure as measure_memory
 from training.loop import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -91,18 +92,27 @@ def export_onnx(family: Family, ckpt_dir: Path | None = None, tolerance: float =
                                     dynamo=True, external_data=False, optimize=True, verbose=False)
         proto = program.model_proto
         onnx.checker.check_model(proto, full_check=True)
-        meta = {CONTRACT_KEY: contract.to_json(), "family": family.name,
-                "metrics": json.dumps(checkpoint["metrics"]), "git_revision": git_revision()}
-        del proto.metadata_props[:]
-        for key, value in meta.items():
-            proto.metadata_props.add(key=key, value=value)
-        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+
+        def save(contract: ModelContract) -> None:
+            meta = {CONTRACT_KEY: contract.to_json(), "family": family.name,
+                    "metrics": json.dumps(checkpoint["metrics"]), "git_revision": git_revision()}
+            del proto.metadata_props[:]
+            for key, value in meta.items():
+                proto.metadata_props.add(key=key, value=value)
+            onnx.save_model(proto, str(tmp), save_as_external_data=False)
+
+        save(result.contract)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         diff = parity(session, spec.module, spec.parity_inputs, spec.input_names, spec.reference_checks)
         result.parity_max_abs_diff = diff
         if diff > tolerance:
             raise ParityError(f"{family.name}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}; "
                               "nothing was written")
+        # What the graph holds per pixel or row, for serving's memory budget (export/memory.py).
+        memory = measure_memory(tmp)
+        if memory:
+            result.contract = dataclasses.replace(result.contract, limits={**result.contract.limits, **memory})
+            save(result.contract)
 
     result = ExportResult(family.name, out_path, contract, float("nan"), checkpoint)
     atomic_write(out_path, write)

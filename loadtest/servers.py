@@ -77,7 +77,7 @@ def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: 
     ``SUITE_*`` settings from ``env_overrides`` on top of this process's environment."""
     port, grpc_port, probe_port = free_port(), free_port(), free_port()
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "SUITE_GRPC_PORT": str(grpc_port),
-           "SUITE_HTTP_PORT": str(port), "SUITE_PROBE_PORT": str(probe_port), "SUITE_GRPC_HOST": "127.0.0.1",
+           "SUITE_HTTP_PORT": str(port), "SUITE_PROBE_PORT": str(probe_port), "SUITE_HOST": "127.0.0.1",
            **env_overrides}
     command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
     server = start_server(command, port=port, grpc_port=grpc_port, env=env, cwd=cwd, log_path=log_path,

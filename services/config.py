@@ -73,7 +73,9 @@ class ServingConfig:
     batch_concurrency: int = 2  # batches of one model running at once per worker: with two, a worker can use a
     #   second core while the other worker idles (measured: denoise 58 -> 96 req/s at 8 connections)
     grpc_port: int = 9000  # Open Inference Protocol gRPC; 0 = no gRPC server
-    grpc_host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # the address the gRPC and probe ports bind (give `bentoml serve --host` the same one;
+    #   `make serve` does)
+    grpc_host: str = ""  # empty = host
     http_port: int = 3000
     probe_port: int = 3001  # /livez, /readyz and /metrics answered by a thread of each worker, never behind requests
     #   (the port for Kubernetes probes; every worker binds it with SO_REUSEPORT); 0 = none
@@ -85,7 +87,24 @@ class ServingConfig:
     keepalive_streams: int = 10  # the same after streamed responses (text), whose length makes a reconnection cheap;
     #   8 streams, two server starts x two runs: 2,659-3,162 tokens/s with 10, 2,170-3,427 with 100 (the split of
     #   connections over the workers decides a run)
-    max_body_bytes: int = 64 * 1024 * 1024  # request bodies above this are refused with 413 before being read
+    max_body_bytes: int = 64 * 1024 * 1024  # the ceiling of every route's body limit (413 before the body is read);
+    #   each route's own limit is lower: image routes from their models' pixel limits, OIP inference from the model's
+    #   contract (its inputs' largest tensors), every other JSON route max_json_bytes
+    max_json_bytes: int = 1024 * 1024  # bodies of the JSON routes (/generate, /sample, OpenAI, model control)
+    memory_limit: str = ""  # the memory the server's whole process tree may use ("1536Mi", "2G", bytes); empty = the
+    #   cgroup's memory.max, else no budget. Each worker's request budget is its share of memory_fraction of it minus
+    #   what the worker holds after loading its models; requests past it wait for memory, or get 413 when they never fit
+    memory_fraction: float = 0.8  # of memory_limit, for the whole tree (the rest is headroom below the OOM kill)
+    memory_wait_ms: float = 10000.0  # how long a request waits for budget before 503 + Retry-After
+    tile_size: int = 512  # fully convolutional models run large images tile by tile (each this square plus the overlap)
+    max_connections: int = 4096  # open HTTP connections per worker; more get 503 and are closed at once
+    header_timeout_s: float = 10.0  # a connection that has not sent its request headers within this is closed (408)
+    body_timeout_s: float = 30.0  # a request body not received within this is refused (408)
+    model_control: str = "none"  # "none": the repository's load/unload answer 403 (Triton's --model-control-mode=none);
+    #   "explicit": they are served and need admin_key
+    admin_key: str = field(default="", repr=False)  # the key model control needs ("Authorization: Bearer <key>"),
+    #   distinct from api_key; SUITE_ADMIN_KEY or SUITE_ADMIN_KEY_FILE
+    control_dir: str = ""  # where the workers share the wanted model state; empty = <BENTOML_HOME>/control
     text_max_live: int = 32  # sequences a text model decodes together per worker (capped by its contract's max_batch)
     text_max_waiting: int = 64  # text requests waiting for a row per worker; more are refused with 503 / UNAVAILABLE
     text_prefill_tokens: int = 2048  # padded prompt tokens prefilled in one session run (bounds the others' stall)
@@ -119,6 +138,10 @@ class ServingConfig:
         return ModelLimits(**values)
 
     @property
+    def grpc_bind_host(self) -> str:
+        return self.grpc_host or self.host
+
+    @property
     def worker_count(self) -> int:
         return self.workers or available_cores()
 
@@ -139,13 +162,14 @@ class ServingConfig:
             raw = environ.get(f"SUITE_{name.upper()}")
             if raw is not None and raw != "":
                 values[name] = parse_value(name, f.type, raw)
-        key_file = environ.get("SUITE_API_KEY_FILE")
-        if key_file and "api_key" not in values:
-            # A Kubernetes Secret mounted as a file: the key stays out of the process environment.
-            try:
-                values["api_key"] = Path(key_file).read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"SUITE_API_KEY_FILE: cannot read {key_file}: {exc.strerror}") from None
+        for secret in ("api_key", "admin_key"):
+            key_file = environ.get(f"SUITE_{secret.upper()}_FILE")
+            if key_file and secret not in values:
+                # A Kubernetes Secret mounted as a file: the key stays out of the process environment.
+                try:
+                    values[secret] = Path(key_file).read_text().strip()
+                except OSError as exc:
+                    raise ValueError(f"SUITE_{secret.upper()}_FILE: cannot read {key_file}: {exc.strerror}") from None
         unknown = {}
         for name, raw in arguments.items():
             if name in fields:
@@ -175,18 +199,68 @@ class ServingConfig:
             if not eq or not MODEL_NAME.match(target) or value not in VARIANT_CHOICES:
                 raise ValueError(f"{entry!r}: a variant is one of {list(VARIANT_CHOICES)} (model_variants entries: "
                                  "<model>=<variant>)")
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model_control: {self.model_control!r} is not one of {list(MODEL_CONTROL_MODES)}")
+        if self.model_control == "explicit" and not self.admin_key:
+            raise ValueError("model_control=explicit needs an admin_key (SUITE_ADMIN_KEY or SUITE_ADMIN_KEY_FILE)")
+        if self.admin_key and self.admin_key == self.api_key:
+            raise ValueError("admin_key must differ from api_key: a client that may infer must not control models")
+        parse_bytes("memory_limit", self.memory_limit)
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError("memory_fraction must be in (0, 1]")
         for name in ("workers", "intra_op_threads", "max_queue_delay_ms", "max_queue_wait_ms", "probe_port",
                      "repository_poll_s", "keepalive_requests", "keepalive_streams",
-                     "text_max_waiting", "text_stream_interval_ms"):
+                     "text_max_waiting", "text_stream_interval_ms", "memory_wait_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("inter_op_threads", "max_batch_size", "max_queue", "max_body_bytes", "batch_concurrency",
-                     "text_max_live", "text_prefill_tokens"):
+                     "text_max_live", "text_prefill_tokens", "max_json_bytes", "tile_size", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        """The tree's memory limit: the setting, else the cgroup's; None when neither says."""
+        return parse_bytes("memory_limit", self.memory_limit) or cgroup_memory_limit()
+
+    def control_folder(self) -> Path:
+        if self.control_dir:
+            return Path(self.control_dir)
+        home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
+        return Path(home) / "control"
 
 
 VARIANT_CHOICES = ("auto", "fp32", "int8", "fp16")
+MODEL_CONTROL_MODES = ("none", "explicit")
+_UNITS = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3}
+
+
+def parse_bytes(name: str, raw: str) -> int | None:
+    """"1536Mi", "2G", "123456" (Kubernetes' quantity suffixes) -> bytes; "" -> None."""
+    text = str(raw).strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMgG]i?)?[bB]?", text)
+    if not match:
+        raise ValueError(f"{name}: cannot read {raw!r} as bytes (e.g. 1536Mi, 2G, 1000000)")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def cgroup_memory_limit(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``; None when unlimited or unreadable."""
+    root = Path(cgroup_root)
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max" or not text.isdigit() or int(text) >= 1 << 60:  # v1 says "unlimited" with a huge number
+            return None
+        return int(text)
+    return None
 PER_MODEL_LIMITS = {"max_queue": "int", "max_queue_wait_ms": "float", "max_batch_size": "int",
                     "text_max_live": "int", "text_max_waiting": "int"}
 

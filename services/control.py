@@ -7,8 +7,9 @@ worker that took the request writes it (under a lock, to a temporary file, then 
 it at once and waits until every worker has acknowledged it. A worker that starts later (one
 replacing a killed worker) reads the file first, so it starts in the state the others are in.
 
-The folder is per server: named after the process that started the workers (BentoML's arbiter,
-the parent of every worker) and the HTTP port."""
+The folder is per server, under the ``control_dir`` setting (default ``<BENTOML_HOME>/control``):
+named after the process that started the workers (BentoML's arbiter, the parent of every worker)
+and the HTTP port."""
 
 from __future__ import annotations
 
@@ -52,19 +53,21 @@ def process_alive(pid: int) -> bool:
 
 class ControlFile:
     def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.folder = folder
         self.path = folder / "wanted.json"
         self._lock_path = folder / "lock"
 
     @classmethod
-    def for_server(cls, http_port: int) -> ControlFile:
-        root = Path(tempfile.gettempdir())
-        for stale in root.glob("model-suite-control-*-*"):  # left by servers that have stopped
-            pid = stale.name.split("-")[3]
+    def for_server(cls, root: Path, http_port: int) -> ControlFile:
+        """The folder of this server (``control_dir`` setting) under ``root``: not /tmp, where any
+        local user could plant or read another server's wanted state."""
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in root.glob("server-*-*"):  # left by servers that have stopped
+            pid = stale.name.split("-")[1]
             if pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
-        return cls(root / f"model-suite-control-{os.getppid()}-{http_port}")
+        return cls(root / f"server-{os.getppid()}-{http_port}")
 
     def stamp(self) -> int:
         """Changes whenever the file is replaced (cheap enough to ask twice a second)."""

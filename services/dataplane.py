@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 import numpy as np
 
+from services.budget import MemoryBudget
 from services.errors import ServingError, bad_request, unavailable
 from services.repository import ModelHandle, ModelRepository, WantedState
 from services.tasks import (HANDLERS, Denoising, ImageClassification, ImageGeneration, Segmentation, TaskHandler,
@@ -55,13 +56,20 @@ class TextStream:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, server_version: str = "", control: Any = None):
+    def __init__(self, repository: ModelRepository, server_version: str = "", control: Any = None,
+                 budget: MemoryBudget | None = None):
         self.repository = repository
         self.server_version = server_version
         self.control = control  # model control across workers (services.control.ModelControl); None: this process
+        self.budget = budget or MemoryBudget(None)  # this worker's memory for requests in flight
         self._readiness: dict[str, Callable[[], str | None]] = {}
         self._handlers: dict[str, TaskHandler] = {family: kind() for family, kind in HANDLERS.items()}
+        for handler in self._handlers.values():
+            handler.budget = self.budget
+            if isinstance(handler, Denoising):
+                handler.tile_size = repository.config.tile_size
         self._variant_table: dict[str, dict[str, tuple[str, float]]] | None = None
+        self._image_limits: dict[str | None, int] = {}
         self._cuda: bool | None = None  # whether sessions run on CUDA (decides the auto variant)
 
     # ---- health ----------------------------------------------------------------------------------
@@ -93,6 +101,45 @@ class DataPlane:
         so front-ends ask before reading a request's body."""
         return self.repository.admission_error(self.route(model)) if model else None
 
+    # ---- limits known before a request's body is read ------------------------------------------------
+
+    def _limit_contract(self, model: str | None):
+        """The contract a request for ``model`` is checked against (the routed variant's); 404 for
+        a model this server does not serve."""
+        name, _, version = (model or "").partition(":")
+        return self.repository.contract(name if version else self.route(name), version or None)
+
+    def image_body_limit(self, task: str | None) -> int:
+        """The largest upload an image route takes: 4 bytes per pixel (RGBA) at the largest pixel
+        limit among the served models of its task."""
+        if task not in self._image_limits:
+            limits = [self.repository.contract(n).limits.get("max_pixels", 0) for n in self.repository.names
+                      if self.repository.versions(n) and self.repository.contract(n).family == task]
+            self._image_limits[task] = 4 * max(limits, default=0)
+        return self._image_limits[task]
+
+    def tensor_body_limit(self, model: str | None, binary: bool, json_limit: int) -> int:
+        contract = self._limit_contract(model)
+        limit = self.handler(contract.family).body_limit(contract, binary, json_limit)
+        return limit if limit is not None else 1 << 62  # the global ceiling applies
+
+    def grpc_message_limit(self) -> int:
+        """The largest binary inference message any served model can need."""
+        limits = [self.tensor_body_limit(n, True, 1 << 20) for n in self.repository.names if self.repository.versions(n)]
+        return max(limits, default=4 * 1024 * 1024)
+
+    def check_declared(self, model: str, version: str | None, declared: Iterable[tuple[str, Any, Any]]) -> None:
+        """Each (name, datatype, shape) a request declares, against the model's contract, before
+        any tensor data is decoded."""
+        contract = self.repository.contract(model if version else self.route(model), version)
+        handler = self.handler(contract.family)
+        seen = set()
+        for name, datatype, shape in declared:
+            if name in seen:
+                raise bad_request(name, "input given twice")
+            seen.add(name)
+            handler.check_declared(contract, name, datatype, shape)
+
     # ---- model control (the Open Inference Protocol's model repository extension) ----------------
 
     def repository_index(self, ready_only: bool = False) -> list[dict]:
@@ -114,6 +161,7 @@ class DataPlane:
 
     async def _control(self, name: str, wanted: WantedState) -> dict:
         self._variant_table = None  # a new version may be (or stop being) a variant
+        self._image_limits.clear()
         self.repository.versions(name)  # 404 for a model this server does not serve
         if wanted.version:  # 404 for a version not in the store (apply re-reads it in every worker anyway)
             self.repository.refresh([name])

@@ -1,5 +1,9 @@
 """Image decoding and encoding for the image tasks: uploads are decoded here so bad bytes are a 400
-naming the field, and the pixel limit is checked from the header before any pixel is decoded."""
+naming the field, and the pixel limit is checked from the header before any pixel is decoded.
+
+Only the formats in ``IMAGE_FORMATS`` are opened (415 otherwise): each one Pillow would otherwise
+try (TIFF, PSD, ICNS, ...) is more decoder code an upload can reach. Pillow's own decompression-bomb
+guard stays on behind the contract's pixel limit, which is always the lower of the two."""
 
 from __future__ import annotations
 
@@ -9,18 +13,31 @@ import numpy as np
 from PIL import Image
 
 from contract import ImageSpec
-from services.errors import bad_request, too_large
+from services.errors import bad_request, too_large, unsupported_media
 
-Image.MAX_IMAGE_PIXELS = None  # we enforce our own, documented limit below instead of PIL's warning
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"RIFF": "WEBP", b"BM": "BMP"}
+
+
+def image_format(data: bytes) -> str | None:
+    """The allowed format the upload's first bytes name, or None."""
+    for magic, name in SIGNATURES.items():
+        if data.startswith(magic) and (name != "WEBP" or data[8:12] == b"WEBP"):
+            return name
+    return None
 
 
 def open_image(data: bytes, field: str, max_pixels: int, min_side: int = 1) -> Image.Image:
     """Reads the header only and checks the size limits, so an oversized upload costs no decoding."""
     if not data:
         raise bad_request(field, "empty upload; send a PNG or JPEG file")
+    if image_format(data) is None:
+        raise unsupported_media(field, f"not an image format this server decodes; send one of {list(IMAGE_FORMATS)}")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise too_large(field, f"image declares too many pixels for a safe decode ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types; the upload is to blame
         raise bad_request(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
     if width * height > max_pixels:
@@ -30,12 +47,25 @@ def open_image(data: bytes, field: str, max_pixels: int, min_side: int = 1) -> I
     return image
 
 
-def load_image(image: Image.Image, field: str) -> Image.Image:
-    """Decodes the pixels of an opened image; transparency is flattened onto white, as viewers show it."""
+def load_image(image: Image.Image, field: str, target: tuple[int, int] | None = None) -> Image.Image:
+    """Decodes the pixels of an opened image; transparency is flattened onto white, as viewers show it.
+
+    ``target`` (width, height): the model only needs about that size, so a large upload is shrunk
+    as early as possible: JPEG decodes at a reduced DCT scale (``draft``), any other format is
+    reduced by an integer factor right after decoding, before the colour conversions that would
+    each hold a full-size copy. The final resize to the exact size stays the caller's."""
     try:
+        if target is not None and image.format == "JPEG":
+            image.draft(image.mode, (target[0] * 2, target[1] * 2))
         image.load()
     except Exception as exc:  # noqa: BLE001
         raise bad_request(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
+    if target is not None:
+        factor = min(image.width // (2 * target[0]), image.height // (2 * target[1]))
+        if factor >= 2:
+            if image.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
+                image = image.convert("RGBA" if image.mode in ("P", "PA") else "RGB")
+            image = image.reduce(factor)
     if image.mode in ("RGBA", "LA", "P", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

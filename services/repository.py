@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,8 +432,17 @@ class ModelRepository:
                               observer=self._observer_for(stored.name))
 
 
+PATH = re.compile(r"(?:/[\w.@+-]+){2,}/?")
+
+
+def without_paths(text: str) -> str:
+    """Error text for clients and probes: filesystem paths (the store's layout, the user's home)
+    cut down to their last part."""
+    return PATH.sub(lambda m: ".../" + m.group().rstrip("/").rsplit("/", 1)[-1], text)
+
+
 def load_failure(name: str, version: str | None, exc: BaseException) -> str:
-    """One line naming the model, the version and what went wrong (no stack trace)."""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """One line naming the model, the version and what went wrong (no stack trace, no paths)."""
+    detail = without_paths(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     what = f"{name}:{version}" if version else f"{name} (newest)"
     return f"model {what} could not be loaded: {type(exc).__name__}: {detail[:300]}"

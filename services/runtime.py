@@ -57,6 +57,9 @@ class OnnxSession:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No CPU arena: the arena keeps whatever its largest run grew it to (a worker sat at 4.3 GB
+        # after one 2000x2000 /denoise); plain malloc gives it back (services/budget.py tunes glibc).
+        options.enable_cpu_mem_arena = False
         # Spinning threads burn the cores the HTTP stack needs between runs (2-core machines).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")

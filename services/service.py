@@ -19,10 +19,12 @@ import os
 import bentoml
 
 from services.bentoml_fixes import cancel_request_timers
+from services.budget import MemoryBudget, resident_bytes, tune_allocator, worker_budget
 from services.config import ServingConfig
 from services.control import ControlFile, ModelControl
 from services.dataplane import DataPlane
 from services.frontends.asgi import HttpFrontend
+from services.frontends.connections import install_http_guard
 from services.frontends.native import add_native_routes
 from services.frontends.oip_grpc import GrpcFrontend
 from services.frontends.oip_rest import add_oip_rest_routes
@@ -35,7 +37,7 @@ from services.repository import BentoModelStore, ModelRepository, served_names
 log = logging.getLogger("services")
 CONFIG = ServingConfig.load()
 
-http_app = HttpFrontend(CONFIG.max_body_bytes)
+http_app = HttpFrontend(CONFIG)
 add_native_routes(http_app)
 add_oip_rest_routes(http_app)
 add_openai_routes(http_app)
@@ -68,6 +70,9 @@ class Suite:
         if CONFIG.extra:
             log.warning("ignoring unknown --arg keys %s", sorted(CONFIG.extra))
         cancel_request_timers()  # before the first request; see services/bentoml_fixes.py
+        # uvicorn reads its protocol class when a connection arrives, after this start-up hook.
+        install_http_guard(CONFIG.max_connections, CONFIG.header_timeout_s)
+        tune_allocator()  # before the models allocate: large buffers go back to the kernel when freed
         # Workers share one listening socket and uvloop's libuv accepts every pending connection at
         # once, so one worker can take most connections of a load test (measured splits of 32: 31/1,
         # 28/4, 23/9). One accept per wake-up evens that out somewhat (25/7, 22/10, 19/13 seen);
@@ -81,14 +86,17 @@ class Suite:
         # The wanted state shared by this server's workers: a worker replacing a killed one starts in
         # the state model control left the others in. A model that fails to load is logged, named
         # by /readyz and refused with 503; the others serve.
-        self.control = ModelControl(self.repository, ControlFile.for_server(CONFIG.http_port), CONFIG.worker_count,
-                                    refresh_s=CONFIG.repository_poll_s)
+        self.control = ModelControl(self.repository, ControlFile.for_server(CONFIG.control_folder(), CONFIG.http_port),
+                                    CONFIG.worker_count, refresh_s=CONFIG.repository_poll_s)
         self.control.start()
-        self.plane = DataPlane(self.repository, server_version=bentoml.__version__, control=self.control)
+        # The request budget: this worker's share of the limit, less what it holds with its models loaded.
+        budget = MemoryBudget(worker_budget(CONFIG.memory_limit_bytes, CONFIG.memory_fraction, CONFIG.worker_count,
+                                            resident_bytes()), CONFIG.memory_wait_ms / 1000)
+        log.info("memory budget for requests: %s per worker", budget.describe())
+        self.plane = DataPlane(self.repository, server_version=bentoml.__version__, control=self.control, budget=budget)
         http_app.bind(self.plane, self.metrics, CONFIG.keepalive_requests, CONFIG.keepalive_streams, CONFIG.api_key)
-        self.grpc = (GrpcFrontend(self.plane, CONFIG.grpc_port, CONFIG.grpc_host, self.metrics, CONFIG.api_key)
-                     if CONFIG.grpc_port else None)
-        self.probes = (ProbeServer(ProbeState(self.plane.not_ready_reason), CONFIG.probe_port, CONFIG.grpc_host,
+        self.grpc = (GrpcFrontend(self.plane, CONFIG, self.metrics) if CONFIG.grpc_port else None)
+        self.probes = (ProbeServer(ProbeState(self.plane.not_ready_reason), CONFIG.probe_port, CONFIG.host,
                                    exposition) if CONFIG.probe_port else None)
         self._control_task = None
         # What start-up allocated lives as long as the worker: keep it out of the collector's full

@@ -18,6 +18,7 @@ from PIL import Image
 
 from contract import DTYPES, ModelContract, TensorSpec
 from services.errors import bad_request, too_large
+from services.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget, model_cost
 from services.imaging import encode_png, grid, load_image, open_image, to_model_input
 from services.repository import ModelHandle
 from services.textengine import Sequence
@@ -28,6 +29,7 @@ Tensors = dict[str, np.ndarray]
 # than the work. Larger ones go to a thread so the loop keeps serving.
 INLINE_PIXELS = 256 * 256
 TOP_K_CAP = 100
+DECODE_BYTES_PER_PIXEL_SHRUNK = 12
 BYTES_DTYPE = np.dtype(object)
 
 
@@ -37,16 +39,31 @@ async def cpu_work(pixels: int, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-async def read_image(data: bytes, contract: ModelContract, field: str = "image") -> Image.Image:
-    """Upload -> decoded picture, the contract's pixel and side limits checked before decoding."""
-    image = open_image(data, field, contract.limits["max_pixels"], contract.limits.get("min_side", 1))
-    return await cpu_work(image.width * image.height, load_image, image, field)
+def fixed_size(contract: ModelContract) -> tuple[int, int] | None:
+    """(width, height) the model's input is resized to, or None when it takes the upload's size."""
+    spec = contract.image
+    return (spec.width, spec.height) if spec is not None and spec.height and spec.width else None
 
 
-async def image_input(data: bytes, contract: ModelContract) -> tuple[Image.Image, np.ndarray]:
-    """Upload -> (picture, the model's (1, C, H, W) input as the contract describes)."""
-    picture = await read_image(data, contract)
-    return picture, await cpu_work(picture.width * picture.height, to_model_input, picture, contract.image)
+def open_upload(data: bytes, contract: ModelContract, field: str = "image") -> Image.Image:
+    """The upload's header only: the contract's pixel and side limits checked before decoding."""
+    return open_image(data, field, contract.limits["max_pixels"], contract.limits.get("min_side", 1))
+
+
+def decode_cost(image: Image.Image, contract: ModelContract) -> int:
+    """Bytes the image path holds for this upload at its peak (known from the header alone)."""
+    pixels = image.width * image.height
+    # A model of fixed input size gets the picture shrunk right after decoding (load_image), so
+    # only the decoded pixels and one RGBA copy are ever full size.
+    per_pixel = DECODE_BYTES_PER_PIXEL_SHRUNK if fixed_size(contract) else DECODE_BYTES_PER_PIXEL
+    return pixels * per_pixel
+
+
+async def image_input(image: Image.Image, contract: ModelContract, field: str = "image") -> tuple[Image.Image, np.ndarray]:
+    """Opened upload -> (picture, the model's (1, C, H, W) input as the contract describes)."""
+    pixels = image.width * image.height
+    picture = await cpu_work(pixels, load_image, image, field, fixed_size(contract))
+    return picture, await cpu_work(pixels, to_model_input, picture, contract.image)
 
 
 def check_int(field: str, value: Any, low: int, high: int) -> int:
@@ -69,6 +86,78 @@ class TaskHandler:
     the batch limit, then the task's own limits (``check_values``)."""
 
     task = ""
+    budget = MemoryBudget(None)  # the worker's, set by the data plane
+
+    def tensor_cost(self, contract: ModelContract, feeds: Tensors) -> int:
+        """What running these tensors holds: the inputs and outputs' own bytes are small next to the
+        graph's activations, measured per pixel or per row at export."""
+        rows = max((a.shape[0] for a in feeds.values() if a.ndim), default=1)
+        pixels = max((a.shape[-1] * a.shape[-2] for a in feeds.values() if a.ndim == 4), default=0)
+        return model_cost(contract.limits, rows, pixels) + sum(a.nbytes for a in feeds.values() if a.dtype != object)
+
+    def max_elements(self, contract: ModelContract, spec: TensorSpec) -> int | None:
+        """The most elements a request may send for ``spec`` (None: the contract does not bound it):
+        batch axes at the model's batch limit, image sides at its pixel limit, sequence axes at its
+        context window, fixed axes as they are."""
+        limits, count, spatial = contract.limits, 1, False
+        for size, axis in zip(spec.shape, spec.axis_names or [""] * len(spec.shape)):
+            if size >= 0:
+                count *= size
+            elif axis in ("height", "width") and "max_pixels" in limits:
+                if not spatial:  # the pixel limit counts every row: it bounds batch x height x width
+                    count *= limits["max_pixels"]
+                    spatial = True
+            elif axis == "batch":
+                continue  # folded in below, unless the pixel limit already covers it
+            elif axis in ("sequence", "past_sequence", "past_and_sequence") and "context_window" in limits:
+                count *= limits["context_window"]
+            else:
+                return None
+        if "batch" in spec.axis_names and not spatial:
+            count *= contract.max_batch or 64
+        return count
+
+    def check_declared(self, contract: ModelContract, name: str, datatype: Any, shape: Any) -> None:
+        """A tensor's name, datatype and declared shape against the contract, before its data is
+        decoded: an unknown input, a wrong datatype or rank, or more elements than the model can
+        take is refused without reading a byte of it."""
+        specs = {t.name: t for t in contract.inputs}
+        extra = {t["name"]: t for t in self.extra_tensors(contract)[0]}
+        if name in extra:
+            if datatype != extra[name]["datatype"]:
+                raise bad_request(name, f"datatype {datatype!r} given, {extra[name]['datatype']} expected")
+            if not isinstance(shape, (list, tuple)) or len(shape) > 2 or any(d != 1 for d in shape):
+                raise bad_request(name, f"shape {shape!r} given, [1] or [1, 1] expected")
+            return
+        spec = specs.get(name)
+        if spec is None:
+            raise bad_request(name, f"unknown input tensor; {contract.name} takes {[*specs, *extra]}")
+        if datatype != spec.oip_datatype:
+            raise bad_request(name, f"datatype {datatype!r} given, {spec.oip_datatype} expected")
+        if not isinstance(shape, (list, tuple)) or len(shape) != len(spec.shape):
+            raise bad_request(name, f"shape {shape!r} does not match {spec.shape} ({', '.join(spec.axis_names)})")
+        count = 1
+        for d in shape:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise bad_request(name, f"shape must be a list of non-negative integers, got {shape!r}")
+            count *= d
+            if count > 1 << 40:
+                break
+        limit = self.max_elements(contract, spec)
+        if limit is not None and count > limit:
+            raise too_large(name, f"shape {list(shape)} holds {count} elements; {contract.name} takes at most {limit}")
+
+    def body_limit(self, contract: ModelContract, binary: bool, json_limit: int) -> int | None:
+        """The largest OIP inference body this model can need (None: unbounded by the contract)."""
+        total = 64 * 1024  # the JSON header, names, parameters
+        for spec in contract.inputs:
+            count = self.max_elements(contract, spec)
+            if count is None:
+                return None
+            total += count * (np.dtype(spec.dtype).itemsize if binary and spec.dtype != "object" else 24)
+        for extra in self.extra_tensors(contract)[0]:  # text: the prompt, escaped in JSON at worst
+            total += 6 * 4 * contract.limits.get("max_prompt_chars", json_limit // 24)
+        return total
 
     def check_tensors(self, contract: ModelContract, feeds: Tensors) -> Tensors:
         specs = {t.name: t for t in contract.inputs}
@@ -102,7 +191,9 @@ class TaskHandler:
         """Task limits on tensor contents and sizes (pixel counts, class ids, token ids)."""
 
     async def infer_tensors(self, handle: ModelHandle, feeds: Tensors, parameters: Mapping[str, Any]) -> TensorResult:
-        outputs = await handle.infer(self.check_tensors(handle.contract, feeds))
+        feeds = self.check_tensors(handle.contract, feeds)
+        async with self.budget.reserve(self.tensor_cost(handle.contract, feeds), "this request", "inputs"):
+            outputs = await handle.infer(feeds)
         return TensorResult(outputs, {})
 
     async def stream_tensors(self, handle: ModelHandle, feeds: Tensors,
@@ -150,8 +241,11 @@ class ImageClassification(TaskHandler):
     async def classify(self, handle: ModelHandle, image: bytes, top_k: int = 5) -> dict:
         c = handle.contract
         top_k = check_int("top_k", top_k, 1, TOP_K_CAP)
-        _, x = await image_input(image, c)
-        outputs = await handle.infer({c.inputs[0].name: x})
+        opened = open_upload(image, c)
+        cost = decode_cost(opened, c) + model_cost(c.limits, 1)
+        async with self.budget.reserve(cost, f"a {opened.width}x{opened.height} image"):
+            _, x = await image_input(opened, c)
+            outputs = await handle.infer({c.inputs[0].name: x})
         probs = outputs[c.outputs[0].name][0]
         order = np.argsort(-probs, kind="stable")[: min(top_k, probs.size)]
         body = {"model": handle.tag,
@@ -176,9 +270,14 @@ class Segmentation(TaskHandler):
     async def segment(self, handle: ModelHandle, image: bytes) -> bytes:
         """-> PNG mask at the upload's size; pixel value = class id."""
         c = handle.contract
-        picture, x = await image_input(image, c)
-        mask = (await handle.infer({c.inputs[0].name: x}))[c.outputs[0].name][0]
-        return await cpu_work(picture.width * picture.height, _mask_png, mask, picture.size)
+        opened = open_upload(image, c)
+        size = opened.size  # the mask comes back at the upload's size, whatever the picture was shrunk to
+        _, _, h, w = (d if d > 0 else s for d, s in zip(c.inputs[0].shape, (1, 1, *size[::-1])))
+        cost = decode_cost(opened, c) + model_cost(c.limits, 1, h * w) + size[0] * size[1] * 2
+        async with self.budget.reserve(cost, f"a {size[0]}x{size[1]} image"):
+            picture, x = await image_input(opened, c)
+            mask = (await handle.infer({c.inputs[0].name: x}))[c.outputs[0].name][0]
+            return await cpu_work(size[0] * size[1], _mask_png, mask, size)
 
 
 def _mask_png(mask: np.ndarray, size: tuple[int, int]) -> bytes:
@@ -190,6 +289,7 @@ def _mask_png(mask: np.ndarray, size: tuple[int, int]) -> bytes:
 
 class Denoising(TaskHandler):
     task = "denoise"
+    tile_size = 512  # the data plane sets the configured one
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
         noisy, level = contract.inputs[0].name, contract.inputs[1].name
@@ -211,16 +311,86 @@ class Denoising(TaskHandler):
         return sigma / 255.0
 
     async def denoise(self, handle: ModelHandle, image: bytes, sigma: float | None = None) -> bytes:
-        """-> PNG of the same size and mode; colour is denoised channel by channel (one row each)."""
+        """-> PNG of the same size and mode; colour is denoised channel by channel (one row each).
+        An image larger than a tile runs tile by tile (``TileGrid``): same answer, bounded memory."""
         c = handle.contract
         level = self.sigma_level(c, sigma)
-        picture = await read_image(image, c)
-        pixels = picture.width * picture.height
-        planes, rgb = await cpu_work(pixels, _planes, picture)
+        opened = open_upload(image, c)
+        pixels = opened.width * opened.height
+        grid_ = TileGrid(opened.height, opened.width, self.tile_size, TILE_OVERLAP, c.image.multiple_of)
+        window_pixels = grid_.window[0] * grid_.window[1]
+        row_cost = model_cost(c.limits, 1, window_pixels) + window_pixels * 8
+        # Rows per run: what a quarter of the budget holds, so a few large images can share it.
+        room = (self.budget.capacity or 1 << 62) // 4 - decode_cost(opened, c)
+        rows_per_run = int(max(1, min(c.max_batch or 64, room // max(1, row_cost))))
+        channels = 1 if opened.mode in ("L", "I", "I;16", "F", "1") else 3
+        rows_per_run = min(rows_per_run, channels * len(grid_.tiles))
+        cost = decode_cost(opened, c) + rows_per_run * row_cost
+        async with self.budget.reserve(cost, f"a {opened.width}x{opened.height} image"):
+            picture = await cpu_work(pixels, load_image, opened, "image")
+            planes, rgb = await cpu_work(pixels, _planes, picture)
+            del picture
+            out = await self._run_tiled(handle, planes, level, grid_, rows_per_run)
+            return await cpu_work(pixels, _denoised_png, out, rgb)
+
+    async def _run_tiled(self, handle: ModelHandle, planes: np.ndarray, level: float, grid_: "TileGrid",
+                         rows_per_run: int) -> np.ndarray:
+        c = handle.contract
         noisy, level_name = c.inputs[0].name, c.inputs[1].name
-        feeds = {noisy: planes, level_name: np.full((planes.shape[0], 1), level, np.float32)}
-        out = (await handle.infer(feeds))[c.outputs[0].name]
-        return await cpu_work(pixels, _denoised_png, out, rgb)
+        if len(grid_.tiles) == 1:
+            feeds = {noisy: planes, level_name: np.full((planes.shape[0], 1), level, np.float32)}
+            return (await handle.infer(feeds))[c.outputs[0].name]
+        out = np.empty_like(planes)
+        jobs = [(channel, tile) for channel in range(planes.shape[0]) for tile in grid_.tiles]
+        wh, ww = grid_.window
+        for start in range(0, len(jobs), rows_per_run):
+            chunk = jobs[start:start + rows_per_run]
+            batch = np.stack([planes[ch, :, t.wy:t.wy + wh, t.wx:t.wx + ww] for ch, t in chunk])
+            feeds = {noisy: batch, level_name: np.full((len(chunk), 1), level, np.float32)}
+            result = (await handle.infer(feeds))[c.outputs[0].name]
+            for (ch, t), row in zip(chunk, result):
+                out[ch, :, t.y0:t.y1, t.x0:t.x1] = row[:, t.y0 - t.wy:t.y1 - t.wy, t.x0 - t.wx:t.x1 - t.wx]
+        return out
+
+
+TILE_OVERLAP = 32  # pixels of context each side of a tile: past the receptive field of the denoisers
+
+
+@dataclass(frozen=True)
+class Tile:
+    y0: int  # the part of the output this tile gives (core), in image coordinates
+    y1: int
+    x0: int
+    x1: int
+    wy: int  # top-left corner of the window the model sees (core plus context)
+    wx: int
+
+
+class TileGrid:
+    """Cores of ``tile`` pixels that cover the image, each seen through a window with ``overlap``
+    pixels of context on every side. Every window has the same size (so tiles batch together): at
+    the image's borders the window is shifted inwards instead of padded, so a border tile sees the
+    image's own border exactly as whole-image inference does, and along a side shorter than a
+    window the window is the whole side."""
+
+    def __init__(self, height: int, width: int, tile: int, overlap: int, multiple_of: int = 1):
+        side = tile + 2 * overlap
+        side += (-side) % max(1, multiple_of)
+        self.window = (min(side, height), min(side, width))
+        ys = self._axis(height, self.window[0], tile, overlap)
+        xs = self._axis(width, self.window[1], tile, overlap)
+        self.tiles = [Tile(y0, y1, x0, x1, wy, wx) for y0, y1, wy in ys for x0, x1, wx in xs]
+
+    @staticmethod
+    def _axis(length: int, window: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
+        if length <= window:
+            return [(0, length, 0)]
+        out = []
+        for start in range(0, length, tile):
+            end = min(start + tile, length)
+            corner = min(max(0, start - overlap), length - window)
+            out.append((start, end, corner))
+        return out
 
 
 def _planes(picture: Image.Image) -> tuple[np.ndarray, bool]:
@@ -260,7 +430,8 @@ class ImageGeneration(TaskHandler):
         rng = np.random.default_rng(seed)
         latent = rng.standard_normal((n, c.input("latent").shape[1])).astype(np.float32)
         classes = (np.full(n, class_id) if class_id is not None else np.arange(n) % len(c.labels)).astype(np.int64)
-        images = (await handle.infer({"latent": latent, "class_id": classes}))[c.outputs[0].name][:, 0]
+        async with self.budget.reserve(model_cost(c.limits, n), f"{n} samples", "n"):
+            images = (await handle.infer({"latent": latent, "class_id": classes}))[c.outputs[0].name][:, 0]
         return encode_png(grid((np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8), columns=min(n, 8))), seed
 
 

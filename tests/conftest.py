@@ -84,6 +84,20 @@ def build_bento(env: dict | None = None) -> str:
     return result.stdout.strip().splitlines()[-1].replace("__tag__:", "")
 
 
+# Model control is off by default; the tests' servers turn it on with an admin key of their own.
+ADMIN_KEY = "admin-key-test-9c1e"
+MODEL_CONTROL = {"SUITE_MODEL_CONTROL": "explicit", "SUITE_ADMIN_KEY": ADMIN_KEY}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+
+
+def control(url: str, model: str, action: str, body: dict | None = None, timeout: float = 180):
+    """POST /v2/repository/models/<model>/<action> (load or unload) with the admin key."""
+    import requests
+
+    return requests.post(f"{url}/v2/repository/models/{model}/{action}", json=body or {}, headers=ADMIN,
+                         timeout=timeout)
+
+
 VARIANT = ("sample", "fp16")  # an export variant served beside its fp32 model; the server routes /sample to it
 
 
@@ -107,7 +121,7 @@ def server(built_models, second_models, variant_models) -> Server:
     """A real `bentoml serve` of bentofile.yaml's service, from the quick models, on free ports:
     fp32 answers by default, except /sample, configured to its fp16 variant."""
     server = start_suite({"SUITE_INTRA_OP_THREADS": "1", "SUITE_VARIANT": "fp32",
-                          "SUITE_MODEL_VARIANTS": "=".join(VARIANT)}, _TMP / "serve.log", timeout=180)
+                          "SUITE_MODEL_VARIANTS": "=".join(VARIANT), **MODEL_CONTROL}, _TMP / "serve.log", timeout=180)
     try:
         yield server
     finally:

@@ -46,6 +46,28 @@ def test_http_routes_need_the_key(keyed):
         assert requests.get(f"{keyed.url}{public}", timeout=30).status_code == 200, public
 
 
+def test_model_control_is_off_by_default(keyed):
+    """Like Triton's --model-control-mode=none: load and unload answer 403 whatever the key, and
+    the inference key never controls models."""
+    for headers in ({}, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}):
+        r = requests.post(f"{keyed.url}/v2/repository/models/classify/unload", headers=headers, timeout=30)
+        assert r.status_code == 403 and "model_control" in r.json()["error"], r.text
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{keyed.grpc_port}")
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            client.unload_model("classify", headers={"authorization": f"Bearer {KEY}"})
+        assert "PERMISSION_DENIED" in refused.value.status()
+    finally:
+        client.close()
+    assert classify_ok(keyed)
+
+
+def classify_ok(server) -> bool:
+    r = requests.post(f"{server.url}/classify", data=digit_png()[0], timeout=60,
+                      headers={"Content-Type": "image/png", "Authorization": f"Bearer {KEY}"})
+    return r.status_code == 200
+
+
 def test_openai_client_sends_its_api_key(keyed):
     good = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0, timeout=60)
     assert good.completions.create(model="generate", prompt="The", max_tokens=3).usage.completion_tokens >= 1

@@ -153,7 +153,9 @@ def test_generate_stream_joins_to_text(server):
     events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]
-    assert len(payloads) >= 2  # the first piece at once; later ones joined per text_stream_interval_ms
+    # How many pieces depends on how soon the reader wakes (a tiny model may finish first), so only
+    # their shape is asserted here; one chunk per token is test_textengine's lock-step test.
+    assert all("finish_reason" not in p for p in payloads[:-1])
     assert "".join(p["text"] for p in payloads) == whole["text"]
     assert payloads[-1]["finish_reason"] == whole["finish_reason"]
     assert payloads[-1]["usage"] == whole["usage"]
@@ -227,13 +229,14 @@ BIG_PNG = png_bytes(np.zeros((4100, 4100), np.uint8))  # 16.8 M pixels, over the
 
 
 @pytest.mark.parametrize("path, kwargs, status, field", [
-    ("/classify", {"files": {"image": ("x.png", b"definitely not an image", "image/png")}}, 400, "image"),
+    # not one of the allowed formats (PNG, JPEG, WebP, BMP by their magic bytes): 415 before any decoder runs
+    ("/classify", {"files": {"image": ("x.png", b"definitely not an image", "image/png")}}, 415, "image"),
     ("/classify", {"files": {"image": ("x.png", b"", "image/png")}}, 400, "image"),
     ("/classify", {"data": {"top_k": "3"}}, 415, "image"),  # a urlencoded form cannot carry an image
     ("/classify", {"files": {"image": ("x.png", BIG_PNG, "image/png")}}, 413, "image"),
     ("/classify", {"files": {"image": ("x.png", digit_png()[0], "image/png")}, "data": {"top_k": "many"}}, 400, "top_k"),
     ("/segment", {"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")}}, 400, "image"),
-    ("/denoise", {"files": {"image": ("x.png", b"GIF89a", "image/gif")}}, 400, "image"),
+    ("/denoise", {"files": {"image": ("x.png", b"GIF89a", "image/gif")}}, 415, "image"),
     ("/denoise", {"files": {"image": ("x.png", digit_png()[0], "image/png")}, "data": {"sigma": "-3"}}, 400, "sigma"),
     ("/sample", {"json": {"n": 0}}, 400, "n"),
     ("/sample", {"json": {"n": 100000}}, 400, "n"),

@@ -60,7 +60,7 @@ def test_bento_serves_every_protocol_from_its_own_packages(bento, bento_venv, tm
     assert check.returncode != 0  # no training dependency came along
     port, grpc_port, probe_port = free_port(), free_port(), free_port()
     env = {**os.environ, "SUITE_GRPC_PORT": str(grpc_port), "SUITE_PROBE_PORT": str(probe_port),
-           "SUITE_GRPC_HOST": "127.0.0.1", "SUITE_WORKERS": "1", "SUITE_INTRA_OP_THREADS": "1",
+           "SUITE_HOST": "127.0.0.1", "SUITE_WORKERS": "1", "SUITE_INTRA_OP_THREADS": "1",
            "PATH": f"{bento_venv / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": str(bento_venv)}
     # From an empty folder, so that nothing of the checkout can be imported: the bento's own code only.
     server = start_server([str(bento_venv / "bin/bentoml"), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],

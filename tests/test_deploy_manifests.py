@@ -282,12 +282,17 @@ def test_suite_manifests_agree_with_each_other_and_with_the_suite(documents, ove
     [policy] = by_kind(docs, "NetworkPolicy")
     assert selects(policy["spec"]["podSelector"], labels)
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == set(ports.values())
+    # Every port admits only named peers: no rule without a `from`, and the probe port only Prometheus.
+    assert all(rule.get("from") for rule in policy["spec"]["ingress"])
+    [probe_rule] = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r["ports"]} == {ports["probes"]}]
+    assert [peer["podSelector"] for peer in probe_rule["from"]] == [
+        {"matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In", "values": ["prometheus"]}]}]
     [account] = by_kind(docs, "ServiceAccount")
     assert spec["serviceAccountName"] == account["metadata"]["name"] and account["automountServiceAccountToken"] is False
 
     security = spec["securityContext"]
     assert security["runAsUser"] == security["runAsGroup"] == security["fsGroup"] == BENTO_UID_GID
-    assert {m["mountPath"] for m in suite["volumeMounts"]} == {"/tmp"}
+    assert {m["mountPath"] for m in suite["volumeMounts"]} == {"/tmp", "/var/lib/model-suite"}
     env = {e["name"]: e for e in suite["env"]}
     assert env["BENTOML_HOME"]["value"].startswith("/tmp/") and env["TMPDIR"]["value"] == "/tmp"
     assert env["SUITE_INTRA_OP_THREADS"]["value"] == "1" and env["OMP_NUM_THREADS"]["value"] == "1"

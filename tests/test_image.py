@@ -79,7 +79,7 @@ def container(image: str, *options: str):
     name = f"suite-test-{uuid.uuid4().hex[:8]}"
     podman("run", "--detach", "--name", name, "--network=host", "--read-only", "--tmpfs", "/tmp:rw,size=256m",
            "--cap-drop=ALL", "--security-opt=no-new-privileges",
-           "-e", f"SUITE_GRPC_PORT={grpc_port}", "-e", f"SUITE_PROBE_PORT={probe_port}", "-e", "SUITE_GRPC_HOST=127.0.0.1",
+           "-e", f"SUITE_GRPC_PORT={grpc_port}", "-e", f"SUITE_PROBE_PORT={probe_port}", "-e", "SUITE_HOST=127.0.0.1",
            "-e", "SUITE_WORKERS=2", "-e", "SUITE_INTRA_OP_THREADS=1", *options,
            image, "serve", "--host", "127.0.0.1", "--port", str(port))
     try:
@@ -147,7 +147,7 @@ def kube_manifest(image: str, port: int, grpc_port: int, probe_port: int) -> str
     suite = next(c for c in spec["containers"] if c["name"] == "suite")
     suite["image"] = image
     suite["args"] = ["serve", "--host", "127.0.0.1", "--port", str(port)]
-    ports = {"SUITE_GRPC_PORT": grpc_port, "SUITE_PROBE_PORT": probe_port, "SUITE_GRPC_HOST": "127.0.0.1"}
+    ports = {"SUITE_GRPC_PORT": grpc_port, "SUITE_PROBE_PORT": probe_port, "SUITE_HOST": "127.0.0.1"}
     suite["env"] = [e for e in suite.get("env", []) if e["name"] not in ports]
     suite["env"] += [{"name": k, "value": str(v)} for k, v in ports.items()]
     # On the host network the declared ports are the real ones, and podman refuses port mappings there.

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from loadtest.fuzz import grpc_fuzz, schemathesis_run
 from loadtest.payloads import digit_png, png_bytes
 from loadtest.servers import start_suite, worker_pids
-from tests.conftest import RECURRENT, SECOND, VARIANT
+from tests.conftest import ADMIN_KEY, MODEL_CONTROL, RECURRENT, SECOND, VARIANT, control
 
 JSON = {"Content-Type": "application/json"}
 
@@ -65,6 +65,24 @@ MALFORMED = [
     ("/classify", {"Content-Type": "multipart/form-data; boundary=abc"}, b"--xyz\r\n\r\n--xyz--", 400, "boundary"),
     ("/denoise", {"Content-Type": "multipart/form-data"}, b"--x\r\n", 400, "boundary"),
     ("/segment", {}, b"\x89PNG", 415, "content-type"),
+    # hostile JSON: nesting past the parser's depth, an integer past Python's digit limit, NaN
+    ("/v2/models/classify/infer", JSON, b"[" * 100_000, 400, "nested"),
+    ("/v2/models/classify/infer", JSON, b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1'
+     + b"1" * 5000 + b"]}]}", 400, "json"),
+    ("/sample", JSON, b'{"n": NaN}', 400, "json"),
+    ("/v2/models/classify/infer", JSON, json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
+                                                                 "shape": [1, 1, 28, 28], "data": [0.0] * 784}],
+                                                     "outputs": [{"name": "probabilities", "parameters": "x"}]}),
+     400, "parameters"),
+    # declared shapes against the contract before any data is decoded
+    ("/v2/models/classify/infer", *oip_binary(fp32_input([100000, 1, 28, 28], 16), b"\0" * 16)[::-1], 413, "image"),
+    ("/v2/models/classify/infer", JSON, json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1],
+                                                                 "data": [0]}]}), 400, "unknown input"),
+    ("/v2/models/classify/infer", JSON, json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                                                 "data": ["a"]}]}), 400, "datatype"),
+    ("/v2/models/nope/infer", JSON, b"{}", 404, "nope"),
+    # only the allowed image formats reach a decoder
+    ("/classify", {"Content-Type": "image/tiff"}, b"II*\x00" + b"\0" * 64, 415, "png"),
 ]
 
 
@@ -77,17 +95,44 @@ def test_malformed_request_is_a_named_4xx(server, path, headers, body, status, w
     still_serving(server.url)
 
 
-def test_body_over_the_limit_is_refused_before_it_is_sent(server):
-    host, port = server.url.removeprefix("http://").split(":")
+def test_json_route_body_limit_is_far_below_the_ceiling(server):
+    answer = head_only(server.url, "/generate", b"Content-Type: application/json\r\nContent-Length: 2000000\r\n",
+                       b"the limit is")
+    assert answer.startswith(b"HTTP/1.1 413") and b"the limit is 1048576" in answer, answer[:300]
+    # An unknown model is refused before its (large) body is read.
+    answer = head_only(server.url, "/v2/models/nope/infer", b"Content-Type: application/json\r\n"
+                       b"Content-Length: 45000000\r\n", b"nope")
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:300]
+    still_serving(server.url)
+
+
+def head_only(url: str, path: str, headers: bytes, until: bytes) -> bytes:
+    """A POST whose headers declare a body that is never sent: what the server answers at once."""
+    host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: 1000000000\r\n\r\n")  # and not one byte of the gigabyte
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode() + headers + b"\r\n")
         answer = b""
-        while b"the limit is" not in answer:  # head and body may come in separate reads
+        while until not in answer:  # head and body may come in separate reads
             chunk = conn.recv(4096)
             if not chunk:
                 break
             answer += chunk
+    return answer
+
+
+def test_model_control_needs_the_admin_key_and_json(server):
+    path = f"{server.url}/v2/repository/models/classify/unload"
+    assert requests.post(path, timeout=30).status_code == 401  # no key
+    assert requests.post(path, headers={"Authorization": "Bearer wrong"}, json={}, timeout=30).status_code == 401
+    form = requests.post(path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, data={"a": "b"}, timeout=30)
+    assert form.status_code == 415 and "application/json" in form.json()["error"]  # no cross-site form can send it
+    assert classify_once(server.url)[0] == 200  # nothing was unloaded
+
+
+def test_body_over_the_limit_is_refused_before_it_is_sent(server):
+    # and not one byte of the gigabyte
+    answer = head_only(server.url, "/classify", b"Content-Type: image/png\r\nContent-Length: 1000000000\r\n",
+                       b"the limit is")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"the limit is" in answer
     still_serving(server.url)
@@ -132,19 +177,20 @@ def test_unload_and_load_over_http_and_grpc(server):
     defaults = {"classify", "segment", "generate", "denoise", "sample"}
     assert {e["name"] for e in index if e["state"] == "READY"} == (defaults | {n + SECOND for n in defaults}
                                                                    | set(RECURRENT) | {"-".join(VARIANT)})
-    r = requests.post(f"{server.url}/v2/repository/models/generate/unload", timeout=120)
+    r = control(server.url, "generate", "unload", timeout=120)
     assert r.status_code == 200 and r.json()["workers"] >= 1, r.text
     refused = requests.post(f"{server.url}/generate", json={"prompt": "The", "max_new_tokens": 2}, timeout=30)
     assert refused.status_code == 503 and "unloaded" in refused.json()["error"]
     assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200  # unloaded on purpose: still ready
     client = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     assert not client.is_model_ready("generate")
-    client.load_model("generate")  # the gRPC repository extension
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    client.load_model("generate", headers=admin)  # the gRPC repository extension
     assert client.is_model_ready("generate")
     states = {m.name: m.state for m in client.get_model_repository_index().models if m.state == "READY"}
     assert "generate" in states
     with pytest.raises(InferenceServerException) as info:
-        client.load_model("nope")
+        client.load_model("nope", headers=admin)
     assert info.value.status() == "StatusCode.NOT_FOUND"
     client.close()
     still_serving(server.url)
@@ -170,7 +216,7 @@ def test_hot_reload_of_a_new_export_under_light_load(server, built_models):
     try:
         time.sleep(0.5)
         new_tag = save_to_store(export_onnx(FAMILIES["classify"]), FAMILIES["classify"])
-        r = requests.post(f"{server.url}/v2/repository/models/classify/load", timeout=180)
+        r = control(server.url, "classify", "load")
         assert r.status_code == 200, r.text
         assert f"classify:{r.json()['version']}" == new_tag and r.json()["workers"] == len(worker_pids(server))
         after = [classify_once(server.url) for _ in range(8)]
@@ -183,7 +229,7 @@ def test_hot_reload_of_a_new_export_under_light_load(server, built_models):
     assert after == [(200, new_tag)] * 8  # every worker serves the new version
     # Back to the session's version: without the new export, "the newest" is the old one again.
     bentoml.models.delete(new_tag)
-    r = requests.post(f"{server.url}/v2/repository/models/classify/load", timeout=180)
+    r = control(server.url, "classify", "load")
     assert r.status_code == 200 and f"classify:{r.json()['version']}" == before
     assert classify_once(server.url) == (200, before)
 
@@ -240,7 +286,7 @@ def faulty(built_models, tmp_path_factory):
     good = (folder / "model.onnx").read_bytes()
     (folder / "model.onnx").write_bytes(good[:1000])
     server = start_suite({"BENTOML_HOME": str(store), "SUITE_WORKERS": "1", "SUITE_INTRA_OP_THREADS": "1",
-                          "SUITE_MODEL_LIMITS": "denoise.max_queue=4,denoise.max_queue_wait_ms=300"},
+                          "SUITE_MODEL_LIMITS": "denoise.max_queue=4,denoise.max_queue_wait_ms=300", **MODEL_CONTROL},
                          store.parent / "serve.log", timeout=180, ready_path="/v2/health/live")
     server.segment_file, server.segment_bytes = folder / "model.onnx", good
     try:
@@ -259,7 +305,7 @@ def test_corrupt_model_is_named_not_ready_and_the_others_serve(faulty):
     assert "model segment" in faulty.log() and "could not be loaded" in faulty.log()
     # Repaired in the store, then loaded without a restart.
     faulty.segment_file.write_bytes(faulty.segment_bytes)
-    assert requests.post(f"{faulty.url}/v2/repository/models/segment/load", timeout=120).status_code == 200
+    assert control(faulty.url, "segment", "load", timeout=120).status_code == 200
     assert _ready_soon(faulty)
 
 

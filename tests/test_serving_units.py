@@ -104,7 +104,7 @@ def test_classify_answers_top_k_from_the_handle_that_ran():
 
 @pytest.mark.parametrize("image, top_k, status, field", [
     (b"", 5, 400, "image"),
-    (b"not an image", 5, 400, "image"),
+    (b"not an image", 5, 415, "image"),  # no allowed format's magic bytes
     (png(np.zeros((200, 200), np.uint8)), 5, 413, "image"),  # 40,000 pixels > max_pixels 10,000
     (png(np.zeros((4, 4), np.uint8)), 0, 400, "top_k"),
     (png(np.zeros((4, 4), np.uint8)), 101, 400, "top_k"),

@@ -28,16 +28,34 @@ log = logging.getLogger("services.frontends")
 JSON = b"application/json"
 
 
-class Request:
-    __slots__ = ("scope", "_receive", "max_body_bytes", "_headers", "_query", "_body")
+def parse_json(body: bytes | memoryview, field: str = "body") -> Any:
+    """JSON with its hostile cases as 400s naming them: nesting deeper than the parser's recursion
+    allows, integers longer than Python converts (4,300 digits), NaN/Infinity (not JSON)."""
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise bad_request(field, "JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and the integer digit limit
+        raise bad_request(field, f"not valid JSON: {str(exc)[:200]}") from None
 
-    def __init__(self, scope: dict, receive: Callable[[], Awaitable[dict]], max_body_bytes: int):
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class Request:
+    __slots__ = ("scope", "_receive", "max_body_bytes", "body_timeout_s", "_headers", "_query", "_body", "body_read")
+
+    def __init__(self, scope: dict, receive: Callable[[], Awaitable[dict]], max_body_bytes: int,
+                 body_timeout_s: float = 30.0):
         self.scope = scope
         self._receive = receive
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self._headers: dict[str, str] | None = None
         self._query: dict[str, str] | None = None
         self._body: bytes | None = None
+        self.body_read: asyncio.Event | None = None  # set once the body is in (requests watched for a disconnect)
 
     @property
     def method(self) -> str:
@@ -82,8 +100,12 @@ class Request:
             if length > self.max_body_bytes:
                 raise too_large("body", f"{length} bytes; the limit is {self.max_body_bytes}")
         chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout_s
         while True:
-            message = await self._receive()
+            try:  # a client trickling its body must not hold the request (and its memory) forever
+                message = await asyncio.wait_for(self._receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise ServingError("body", f"not received within {self.body_timeout_s:g} s", 408) from None
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = message.get("body", b"")
@@ -95,16 +117,22 @@ class Request:
             if not message.get("more_body", False):
                 break
         self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.body_read is not None:
+            self.body_read.set()
         return self._body
 
     async def json(self) -> Any:
         body = await self.body()
         if not body.strip():
             return {}
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request("body", f"not valid JSON: {exc}") from None
+        return parse_json(body)
+
+    async def disconnected(self) -> None:
+        """Returns when the client goes away; only once the body is read (before that, receiving
+        would take the body's own messages)."""
+        await self.body_read.wait()
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
 
 
 class ClientGone(Exception):
@@ -183,10 +211,13 @@ class Endpoint:
 
     def __init__(self, frontend: "HttpFrontend", handler: Handler, methods: tuple[str, ...], protocol: str,
                  model: str | None, errors: Callable[[ServingError], Any] | None = None, public: bool = False,
-                 admits: bool = False):
+                 admits: bool = False, body: str = "json", control: bool = False, cancel_on_disconnect: bool = False):
         self.frontend = frontend
         self.public = public  # answered without the API key (health, metrics)
         self.admits = admits  # runs the model: refused at once, body unread, while the model cannot take more
+        self.body = body  # what the body holds, for its limit: json, image (the task's), tensors (the model's), none
+        self.control = control  # model control: off unless enabled, then the admin key instead of the API key
+        self.cancel_on_disconnect = cancel_on_disconnect  # a non-streamed generation stops when its client leaves
         self.handler = handler
         self.methods = methods
         self.protocol = protocol
@@ -195,22 +226,30 @@ class Endpoint:
 
     async def __call__(self, scope, receive, send) -> None:
         started = time.perf_counter()
-        request = Request(scope, receive, self.frontend.max_body_bytes)
+        frontend = self.frontend
+        request = Request(scope, receive, frontend.max_body_bytes, frontend.body_timeout_s)
         try:
-            if self.frontend.plane is None:
+            if frontend.plane is None:
                 raise unavailable("server", "starting: models are not loaded yet", retry_after=1)
-            if self.frontend.api_key and not self.public:
-                self.frontend.authorize(request)
+            if self.control:
+                frontend.authorize_control(request)
+            elif frontend.api_key and not self.public:
+                frontend.authorize(request)
             if scope["method"] not in self.methods:
                 response = error_response(ServingError(None, f"method {scope['method']} not allowed; use "
                                                              f"{' or '.join(self.methods)}", 405), self.errors)
                 response.headers.append((b"allow", ", ".join(self.methods).encode()))
             else:
+                # Everything that can refuse the request without its body does so before it is read.
+                request.max_body_bytes = frontend.body_limit(self.body, self._model_label(scope), request)
                 if self.admits:
-                    refusal = self.frontend.plane.admission_error(self._model_label(scope))
+                    refusal = frontend.plane.admission_error(self._model_label(scope))
                     if refusal is not None:
                         raise refusal
-                response = await self.handler(request)
+                if self.cancel_on_disconnect:
+                    response = await self._unless_disconnected(request)
+                else:
+                    response = await self.handler(request)
         except ServingError as exc:
             response = error_response(exc, self.errors)
         except ClientGone:
@@ -225,6 +264,20 @@ class Endpoint:
         if close and random.random() < close:
             response.headers.append((b"connection", b"close"))
         await response.send(send, receive)
+
+    async def _unless_disconnected(self, request: Request) -> Any:
+        """The handler, cancelled when the client disconnects (a generation nobody will read)."""
+        request.body_read = asyncio.Event()
+        work = asyncio.ensure_future(self.handler(request))
+        watch = asyncio.ensure_future(request.disconnected())
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not work.done():
+            work.cancel()
+            raise ClientGone()
+        return work.result()
 
     def _model_label(self, scope) -> str | None:
         if "suite.model" in scope:  # set by handlers that read the model from the body
@@ -248,11 +301,15 @@ class HttpFrontend(Starlette):
     """Routes of one or more HTTP front-ends over a data plane that is bound once the serving process
     has built it (``bind``); until then every route answers 503."""
 
-    def __init__(self, max_body_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, config: Any = None):
         super().__init__()
+        from services.config import ServingConfig
+
+        self.config = config or ServingConfig()
         self.plane: Any = None
         self.metrics: Any = None
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = self.config.max_body_bytes
+        self.body_timeout_s = self.config.body_timeout_s
         self.close_probability = 0.0
         self.stream_close_probability = 0.0
         self.api_key = b""
@@ -277,11 +334,45 @@ class HttpFrontend(Starlette):
         if not hmac.compare_digest(token.strip().encode(), self.api_key):
             raise unauthorized("the API key is not valid")
 
+    def authorize_control(self, request: Request) -> None:
+        """Model control: 403 unless enabled (``model_control=explicit``), then the admin key (never
+        the inference key), and a JSON content type on every POST, so that no HTML form of another
+        site can send one (a cross-site form cannot set application/json without a preflight)."""
+        if self.config.model_control != "explicit":
+            raise ServingError("model_control", "model control is off on this server (model_control=none); "
+                                                "start it with model_control=explicit and an admin_key", 403)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized("missing: model control needs the admin key as 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.strip().encode(), self.config.admin_key.encode()):
+            raise unauthorized("the admin key is not valid")
+        if request.method == "POST" and request.media_type != "application/json":
+            raise ServingError("content-type", f"model control takes application/json, got "
+                                               f"{request.media_type or 'no content type'}", 415)
+
+    def body_limit(self, kind: str, model: str | None, request: Request) -> int:
+        """The body limit of one request, known before its body is read: each is far below the
+        global ceiling (``max_body_bytes``) that used to apply to every route."""
+        ceiling = self.config.max_body_bytes
+        if kind == "json":
+            return min(ceiling, self.config.max_json_bytes)
+        if kind == "none":
+            return min(ceiling, 64 * 1024)
+        if kind == "image":  # the largest upload the route's models accept: 4 bytes a pixel (RGBA) and headroom
+            return min(ceiling, self.plane.image_body_limit(model) + 1024 * 1024)
+        if kind == "tensors":  # the model's largest tensors, binary or as JSON numbers
+            binary = request.headers.get("inference-header-content-length") is not None
+            return min(ceiling, self.plane.tensor_body_limit(model, binary, self.config.max_json_bytes))
+        raise ValueError(kind)
+
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
               model: str | None = None, errors: Callable[[ServingError], Any] | None = None,
-              public: bool = False, admits: bool = False) -> None:
-        """``admits``: the route runs ``model``, so admission control may refuse it before its body is read."""
-        endpoint = Endpoint(self, handler, methods, protocol, model, errors, public, admits)
+              public: bool = False, admits: bool = False, body: str = "json", control: bool = False,
+              cancel_on_disconnect: bool = False) -> None:
+        """``admits``: the route runs ``model``, so admission control may refuse it before its body is
+        read. ``body``: what its body holds (json, image, tensors, none), which sets its limit."""
+        endpoint = Endpoint(self, handler, methods, protocol, model, errors, public, admits, body, control,
+                            cancel_on_disconnect)
         if "{" in path:
             self.router.routes.append(Route(path, endpoint))
         else:

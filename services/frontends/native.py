@@ -153,11 +153,12 @@ def add_native_routes(app: HttpFrontend) -> None:
         page, content_type = exposition()
         return Response(page, content_type=content_type.encode())
 
-    app.route("/classify", classify, model="classify", admits=True)
-    app.route("/segment", segment, model="segment", admits=True)
-    app.route("/denoise", denoise, model="denoise", admits=True)
+    app.route("/classify", classify, model="classify", admits=True, body="image")
+    app.route("/segment", segment, model="segment", admits=True, body="image")
+    # A large /denoise runs for seconds: it stops when its client leaves.
+    app.route("/denoise", denoise, model="denoise", admits=True, body="image", cancel_on_disconnect=True)
     app.route("/sample", sample, model="sample", admits=True)
-    app.route("/generate", generate, model="generate", admits=True)
+    app.route("/generate", generate, model="generate", admits=True, cancel_on_disconnect=True)
     app.route("/generate_stream", generate_stream, model="generate", admits=True)
     app.route("/models", models, methods=("GET", "POST"))
-    app.route("/metrics", metrics, methods=("GET",), protocol="metrics", public=True)
+    app.route("/metrics", metrics, methods=("GET",), protocol="metrics", public=True, body="none")

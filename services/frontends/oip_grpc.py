@@ -16,6 +16,7 @@ UNIMPLEMENTED (the generated servicer's default)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from typing import Any
@@ -25,14 +26,19 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from services.budget import TRIM_AFTER_BYTES, give_back_memory
 from services.errors import ServingError, bad_request
 from services.frontends.oip_codec import numpy_dtype, oip_datatype, tensor_from_list, tensor_from_raw, tensor_to_raw
 
 log = logging.getLogger("services.frontends.grpc")
-MAX_MESSAGE = 64 * 1024 * 1024
+MAX_MESSAGE = 64 * 1024 * 1024  # the ceiling; the server's own limit comes from its models' contracts
+STREAM_IN_FLIGHT = 16  # requests of one ModelStreamInfer call served at once; the reader waits past it
+STREAM_BUFFER = 64  # responses of one stream waiting for the client to read them; producers wait past it
 FINAL, EMPTY_FINAL = "triton_final_response", "triton_enable_empty_final_response"  # Triton's decoupled-model parameters
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-         415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+         413: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL,
+         503: grpc.StatusCode.UNAVAILABLE}
 
 # Typed ``InferTensorContents`` field per datatype (FP16 has none: raw only).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -41,9 +47,70 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 
 
+@functools.cache
+def header_message() -> type:
+    """``ModelInferRequest`` without its inputs' typed ``contents``: parsing a request with it skips
+    the contents as one unknown field (a single bytes blob), so a message of 30 M tiny elements is
+    checked against the model's contract without building 30 M Python objects (measured before:
+    +2 GB RSS and 8 s of decoding for such a message). Built once from the protocol's own
+    descriptor, in a pool of its own, so nothing is restated by hand."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    source = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(source)
+    light = descriptor_pb2.FileDescriptorProto(name="suite_infer_header.proto", package="suite_infer_header",
+                                               syntax=source.syntax)
+    keep = {"ModelInferRequest", "InferParameter"}
+    for message in source.message_type:
+        if message.name in keep:
+            light.message_type.add().CopyFrom(message)
+
+    def rename(message) -> None:
+        if message.name == "InferInputTensor":
+            fields = [f for f in message.field if f.name != "contents"]
+            del message.field[:]
+            message.field.extend(fields)
+        for field in message.field:
+            if field.type_name:  # only where set: assigning "" would mark a scalar field as typed
+                field.type_name = field.type_name.replace(".inference.", ".suite_infer_header.")
+        for nested in message.nested_type:
+            rename(nested)
+
+    for message in light.message_type:
+        rename(message)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(light)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("suite_infer_header.ModelInferRequest"))
+
+
 def parameter_value(p: pb.InferParameter) -> Any:
     kind = p.WhichOneof("parameter_choice")
     return getattr(p, kind) if kind else None
+
+
+def parse_checked(plane: Any, raw: bytes) -> pb.ModelInferRequest:
+    """A raw ModelInferRequest: its header (model, declared tensors) is parsed and checked against
+    the contract first; the whole message only once that passes."""
+    try:
+        head = header_message().FromString(raw)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError; the client sent it
+        raise bad_request("request", "not a valid ModelInferRequest message") from None
+    refusal = plane.admission_error(head.model_name)
+    if refusal is not None:
+        raise refusal
+    check_declared(plane, head)
+    try:
+        return pb.ModelInferRequest.FromString(raw)
+    except Exception:  # noqa: BLE001
+        raise bad_request("request", "not a valid ModelInferRequest message") from None
+
+
+def check_declared(plane: Any, request: pb.ModelInferRequest) -> None:
+    """Names, datatypes and shapes against the model's contract before any contents are decoded."""
+    if not request.inputs:
+        raise bad_request("inputs", "must be a non-empty list of tensors")
+    plane.check_declared(request.model_name, request.model_version or None,
+                         [(t.name, t.datatype, list(t.shape)) for t in request.inputs])
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -138,12 +205,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         return pb.RepositoryModelUnloadResponse()
 
-    async def ModelInfer(self, request, context):
-        status = 200
+    async def ModelInfer(self, raw, context):
+        status, request = 200, pb.ModelInferRequest()
         try:
-            refusal = self.plane.admission_error(request.model_name)  # before decoding the tensors
-            if refusal is not None:
-                raise refusal
+            request = parse_checked(self.plane, raw)  # the model, then the declared tensors, then the rest
             feeds = decode_inputs(request)
             params = {k: parameter_value(v) for k, v in request.parameters.items()}
             requested = [o.name for o in request.outputs] or None
@@ -160,6 +225,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             if self.metrics is not None:
                 self.metrics.request(request.model_name, "oip_grpc", status)
+            if len(raw) >= TRIM_AFTER_BYTES:  # gRPC's receive buffers of a large message: back to the kernel
+                give_back_memory()
         return infer_response(request, result)
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -169,13 +236,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ``triton_enable_empty_final_response`` gets its data responses marked not final and then an
         empty final one. A failed request answers ``error_message`` and the stream goes on. When the
         client cancels the stream, its generations stop."""
-        queue: asyncio.Queue = asyncio.Queue()
+        # Bounded both ways: at most STREAM_IN_FLIGHT requests of this call are served at once (the
+        # reader stops reading past it), and at most STREAM_BUFFER responses wait for a slow client
+        # (producers wait past it), so one stream cannot hold unbounded work or memory.
+        queue: asyncio.Queue = asyncio.Queue(STREAM_BUFFER)
         serving: set[asyncio.Task] = set()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         read_all = object()
 
-        async def serve(request: pb.ModelInferRequest) -> None:
-            status = 200
+        async def serve(raw: bytes) -> None:
+            status, request = 200, pb.ModelInferRequest()
             try:
+                request = parse_checked(self.plane, raw)
                 feeds = decode_inputs(request)
                 params = {k: parameter_value(v) for k, v in request.parameters.items()}
                 empty_final = bool(params.pop(EMPTY_FINAL, False))
@@ -183,34 +255,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 async for result in results:
                     response = infer_response(request, result)
                     set_parameter(response.parameters[FINAL], result.final and not empty_final)
-                    queue.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                    await queue.put(pb.ModelStreamInferResponse(infer_response=response))
                 if empty_final:
                     response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
                     set_parameter(response.parameters[FINAL], True)
-                    queue.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                    await queue.put(pb.ModelStreamInferResponse(infer_response=response))
             except ServingError as exc:
                 status = exc.status
-                queue.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc)))
+                await queue.put(pb.ModelStreamInferResponse(error_message=str(exc)))
             except Exception:
                 status = 500
                 log.exception("Open Inference Protocol gRPC ModelStreamInfer failed")
-                queue.put_nowait(pb.ModelStreamInferResponse(error_message="internal error; the server log has the details"))
+                await queue.put(pb.ModelStreamInferResponse(error_message="internal error; the server log has the details"))
             finally:
+                slots.release()
                 if self.metrics is not None:
                     self.metrics.request(request.model_name, "oip_grpc_stream", status)
 
         async def read() -> None:
             async for request in request_iterator:
+                await slots.acquire()
                 task = asyncio.ensure_future(serve(request))
                 serving.add(task)
-                task.add_done_callback(lambda t: (serving.discard(t), queue.put_nowait(None)))
-            queue.put_nowait(read_all)
+                task.add_done_callback(lambda t: (serving.discard(t), queue.put_nowait(None) if not queue.full()
+                                                  else None))
+            await queue.put(read_all)
 
         reader = asyncio.ensure_future(read())
         try:
             reading = True
-            while reading or serving:
-                item = await queue.get()
+            while reading or serving or not queue.empty():
+                try:  # a finished request's wake-up (None) is dropped while the buffer is full: look again soon
+                    item = await asyncio.wait_for(queue.get(), 1.0)
+                except asyncio.TimeoutError:
+                    continue
                 if item is read_all:
                     reading = False
                 elif item is not None:
@@ -233,37 +311,87 @@ def infer_response(request: pb.ModelInferRequest, result: Any) -> pb.ModelInferR
 
 PUBLIC_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
                   "/inference.GRPCInferenceService/ModelReady")  # health: answered without the API key
+CONTROL_METHODS = ("/inference.GRPCInferenceService/RepositoryModelLoad",
+                   "/inference.GRPCInferenceService/RepositoryModelUnload")  # model control: the admin key
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Every method but the health ones needs ``authorization: Bearer <key>`` metadata (what
-    ``tritonclient.grpc`` sends with ``headers={"authorization": ...}``); UNAUTHENTICATED otherwise."""
+def _bearer(details) -> str:
+    metadata = {k: v for k, v in (details.invocation_metadata or ())}
+    scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
-    def __init__(self, api_key: str):
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Every method but the health ones needs ``authorization: Bearer <api_key>`` metadata when an
+    API key is set (what ``tritonclient.grpc`` sends with ``headers={"authorization": ...}``);
+    model control is PERMISSION_DENIED unless enabled, then needs the admin key. A refused call's
+    message is never parsed: its handler takes the raw bytes, so a large hostile message costs no
+    decoding."""
+
+    def __init__(self, api_key: str, model_control: str, admin_key: str):
         self.api_key = api_key.encode()
+        self.model_control = model_control
+        self.admin_key = admin_key.encode()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method in PUBLIC_METHODS:
             return handler
-        metadata = {k: v for k, v in (details.invocation_metadata or ())}
-        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
-        if scheme.lower() == "bearer" and token and hmac.compare_digest(token.strip().encode(), self.api_key):
+        token = _bearer(details).encode()
+        if details.method in CONTROL_METHODS:
+            if self.model_control != "explicit":
+                return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
+                                "model_control: model control is off on this server (model_control=none)")
+            if token and hmac.compare_digest(token, self.admin_key):
+                return handler
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
+                            "authorization: model control needs the admin key as 'authorization: Bearer <key>'")
+        if not self.api_key or (token and hmac.compare_digest(token, self.api_key)):
             return handler
-        message = ("authorization: the API key is not valid" if token else
-                   "authorization: missing: send the API key as 'authorization: Bearer <key>' metadata")
+        return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
+                        "authorization: the API key is not valid" if token else
+                        "authorization: missing: send the API key as 'authorization: Bearer <key>' metadata")
 
-        async def refuse(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        async def refuse_stream(requests, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # an async generator, as stream handlers are
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    async def refuse(request, context):
+        await context.abort(code, message)
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
-                                                         handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+    async def refuse_stream(requests, context):
+        await context.abort(code, message)
+        yield  # an async generator, as stream handlers are
+
+    # No request deserializer: the refused message stays bytes.
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, None, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(refuse, None, handler.response_serializer)
+
+
+def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, but ModelInfer and ModelStreamInfer receive their messages as
+    bytes (``parse_checked`` parses them in two steps)."""
+    registered = {}
+
+    class Capture:  # takes what the generated function registers
+        def add_generic_rpc_handlers(self, handlers):
+            pass
+
+        def add_registered_method_handlers(self, service, handlers):
+            registered.update({f"/{service}/{name}": h for name, h in handlers.items()})
+
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Capture())
+    handlers = {}
+    for path, handler in registered.items():
+        name = path.rsplit("/", 1)[-1]
+        if name == "ModelInfer":
+            handler = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer, None, handler.response_serializer)
+        elif name == "ModelStreamInfer":
+            handler = grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer, None,
+                                                            handler.response_serializer)
+        handlers[name] = handler
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService",
+                                                                          handlers),))
+    server.add_registered_method_handlers("inference.GRPCInferenceService", handlers)
 
 
 class GrpcFrontend:
@@ -271,22 +399,31 @@ class GrpcFrontend:
     through the data plane's readiness (``/readyz`` and ``/v2/health/ready`` answer 503); it does
     not raise, because a raising startup hook makes BentoML respawn the worker in a tight loop."""
 
-    def __init__(self, plane: Any, port: int, host: str = "0.0.0.0", metrics: Any = None, api_key: str = ""):
+    def __init__(self, plane: Any, config: Any, metrics: Any = None):
         self.plane = plane
-        self.port, self.host = port, host
+        self.config = config
+        self.port, self.host = config.grpc_port, config.grpc_bind_host
         self.metrics = metrics
-        self.api_key = api_key
         self.server: grpc.aio.Server | None = None
         self.error: str | None = "not started"
         plane.add_readiness_check("grpc", lambda: self.error)
 
     async def start(self) -> None:
-        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(self.api_key)] if self.api_key else None, options=[
+        config = self.config
+        interceptor = AccessInterceptor(config.api_key, config.model_control, config.admin_key)
+        receive = min(config.max_body_bytes, self.plane.grpc_message_limit())
+        server = grpc.aio.server(interceptors=[interceptor], options=[
             ("grpc.so_reuseport", 1),  # every worker process serves the port
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            # The largest message one of this server's models can need (its contract's largest
+            # tensors), so a hostile one is refused by gRPC's own parser before it is decoded.
+            ("grpc.max_receive_message_length", receive),
             ("grpc.max_send_message_length", MAX_MESSAGE),
+            # A connection that has not finished its handshake in time is closed (default 120 s).
+            ("grpc.server_handshake_timeout_ms", int(config.header_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", 300_000),
+            ("grpc.max_concurrent_streams", 128),
         ])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane, self.metrics), server)
+        add_servicer(InferenceServicer(self.plane, self.metrics), server)
         address = f"{self.host}:{self.port}"
         try:
             if not server.add_insecure_port(address):
@@ -299,7 +436,7 @@ class GrpcFrontend:
             await server.stop(None)
             return
         self.server, self.error = server, None
-        log.info("Open Inference Protocol gRPC server listening on %s", address)
+        log.info("Open Inference Protocol gRPC server listening on %s (messages up to %d bytes)", address, receive)
 
     async def stop(self, grace: float = 5.0) -> None:
         self.error = "stopped"

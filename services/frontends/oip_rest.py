@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from services.errors import bad_request, unavailable, unsupported_media
-from services.frontends.asgi import HttpFrontend, Request, Response, json_response
+from services.frontends.asgi import HttpFrontend, Request, Response, json_response, parse_json
 from services.frontends.oip_codec import oip_datatype, tensor_from_list, tensor_from_raw, tensor_to_list, tensor_to_raw
 
 HEADER = "inference-header-content-length"
@@ -27,29 +27,36 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        request = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request("body", f"not valid JSON: {exc}") from None
+    request = parse_json(head)
     if not isinstance(request, dict):
         raise bad_request("body", "must be a JSON object")
     return request, binary
 
 
-def decode_inputs(request: dict, binary: memoryview) -> dict:
+def declared_inputs(request: dict) -> list[tuple[str, object, object]]:
+    """(name, datatype, shape) of every input, as declared, without touching their data."""
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise bad_request("inputs", "must be a non-empty list of tensors")
-    feeds, offset = {}, 0
+    declared = []
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise bad_request(f"inputs[{i}]", "each input needs a name, datatype and shape")
+        for key in ("datatype", "shape"):
+            if key not in tensor:
+                raise bad_request(tensor["name"], f"missing {key!r}")
+        declared.append((tensor["name"], tensor["datatype"], tensor["shape"]))
+    return declared
+
+
+def decode_inputs(request: dict, binary: memoryview) -> dict:
+    inputs = request.get("inputs")
+    declared_inputs(request)
+    feeds, offset = {}, 0
+    for tensor in inputs:
         name = tensor["name"]
         if name in feeds:
             raise bad_request(name, "input given twice")
-        for key in ("datatype", "shape"):
-            if key not in tensor:
-                raise bad_request(name, f"missing {key!r}")
         params = tensor.get("parameters") or {}
         if not isinstance(params, dict):
             raise bad_request(name, "parameters must be an object")
@@ -80,6 +87,9 @@ def requested_outputs(request: dict) -> tuple[list[str] | None, dict[str, bool],
         return None, {}, default_binary
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
         raise bad_request("outputs", "must be a list of objects with a name")
+    for o in outputs:
+        if not isinstance(o.get("parameters") or {}, dict):
+            raise bad_request(o["name"], "output parameters must be an object")
     binary = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", default_binary)) for o in outputs}
     return [o["name"] for o in outputs], binary, default_binary
 
@@ -157,6 +167,8 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
     async def infer(request: Request) -> Response:
         body = await request.body()
         payload, binary = parse_body(body, request.headers.get(HEADER))
+        # Names, datatypes and declared shapes against the contract before any tensor is decoded.
+        app.plane.check_declared(request.path_params["model"], version(request), declared_inputs(payload))
         feeds = decode_inputs(payload, binary)
         names, binary_flags, default_binary = requested_outputs(payload)
         params = payload.get("parameters") or {}
@@ -170,12 +182,13 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
     app.route("/v2/health/live", live, get, "oip_rest", public=True)
     app.route("/v2/health/ready", ready, get, "oip_rest", public=True)
     app.route("/v2/repository/index", repository_index, ("POST",), "oip_rest")
-    app.route("/v2/repository/models/{model}/load", load, ("POST",), "oip_rest", ":model")
-    app.route("/v2/repository/models/{model}/unload", unload, ("POST",), "oip_rest", ":model")
+    app.route("/v2/repository/models/{model}/load", load, ("POST",), "oip_rest", ":model", control=True)
+    app.route("/v2/repository/models/{model}/unload", unload, ("POST",), "oip_rest", ":model", control=True)
     for prefix in (model, versioned):
-        app.route(prefix, model_metadata, get, "oip_rest", ":model")
-        app.route(prefix + "/ready", model_ready, get, "oip_rest", ":model")
-        app.route(prefix + "/infer", infer, ("POST",), "oip_rest", ":model", admits=True)
+        app.route(prefix, model_metadata, get, "oip_rest", ":model", body="none")
+        app.route(prefix + "/ready", model_ready, get, "oip_rest", ":model", body="none")
+        app.route(prefix + "/infer", infer, ("POST",), "oip_rest", ":model", admits=True, body="tensors",
+                  cancel_on_disconnect=True)
 
 
 async def control_body(request: Request) -> dict:

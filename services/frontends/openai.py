@@ -154,9 +154,9 @@ def add_openai_routes(app: HttpFrontend) -> None:
     async def chat(request: Request) -> Response:
         raise ServingError(None, "this server has no chat models; use POST /v1/completions", 404)
 
-    app.route("/v1/completions", completions, protocol="openai", errors=openai_error)
+    app.route("/v1/completions", completions, protocol="openai", errors=openai_error, cancel_on_disconnect=True)
     app.route("/v1/chat/completions", chat, protocol="openai", errors=openai_error)
-    app.route("/v1/models", models, methods=("GET",), protocol="openai", errors=openai_error)
+    app.route("/v1/models", models, methods=("GET",), protocol="openai", errors=openai_error, body="none")
     app.route("/v1/models/{model}", model, methods=("GET",), protocol="openai", errors=openai_error)
 
 

@@ -214,4 +214,4 @@ def add_openapi_route(app) -> None:
     async def document(request):
         return json_response(openapi_document(app.plane))
 
-    app.route("/docs.json", document, ("GET",), "docs")
+    app.route("/docs.json", document, ("GET",), "docs", body="none")

@@ -1,0 +1,111 @@
+"""What a graph holds in memory per unit of input, measured at export and stored in the contract,
+so that serving knows a request's cost before it runs (services/budget.py).
+
+The graph runs in a fresh process (``python -m export.memory <model.onnx>``), with the session
+options serving uses (no CPU arena, one thread), at two sizes of its input: two image sides for a
+graph whose height and width are dynamic (the unit is a pixel of one row), else two batch sizes
+(the unit is a row). The peak resident memory after each run (``ru_maxrss``, a high-water mark, so
+the smaller size runs first) gives the slope: bytes per unit. Before each run the kernel's
+high-water mark is reset (``/proc/self/clear_refs``), so session creation's own peak hides nothing. Text models are left out: their
+memory is bounded by the text engine's own limits (live rows, context window)."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from contract import ModelContract
+
+SIDES = (256, 768)  # image sides for graphs with dynamic height and width
+ROWS = (16, 256)  # batch sizes for the others
+
+
+def unit_of(contract: ModelContract) -> str | None:
+    if contract.task == "text-generation":
+        return None
+    dynamic_image = any(d < 0 and axis in ("height", "width")
+                        for spec in contract.inputs for d, axis in zip(spec.shape, spec.axis_names))
+    return "pixel" if dynamic_image else "row"
+
+
+def feeds_for(contract: ModelContract, rows: int, side: int) -> dict[str, np.ndarray]:
+    feeds = {}
+    for spec in contract.inputs:
+        shape = []
+        for d, axis in zip(spec.shape, spec.axis_names):
+            shape.append(d if d >= 0 else rows if axis == "batch" else side if axis in ("height", "width") else 1)
+        feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feeds
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise KeyError(field)
+
+
+def _peak_of(run) -> int:
+    """Peak resident bytes above the resting ones while ``run()`` runs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux 4.0+)
+    except OSError:
+        rest = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        run()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rest
+    rest = _status_bytes("VmRSS")
+    run()
+    return _status_bytes("VmHWM") - rest
+
+
+def measure_here(onnx_path: Path, contract: ModelContract) -> dict[str, int]:
+    """In this process: {"peak_bytes_per_pixel" or "peak_bytes_per_row": n}; {} for text models."""
+    import onnxruntime as ort
+
+    unit = unit_of(contract)
+    if unit is None:
+        return {}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # as serving runs it (services/runtime.py)
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    sizes = [(1, side) for side in SIDES] if unit == "pixel" else [(rows, 1) for rows in ROWS]
+    peaks = []
+    for rows, side in sizes:
+        session.run(None, feeds_for(contract, rows, side))  # once, so lazily built kernels are not counted
+        peaks.append(_peak_of(lambda: session.run(None, feeds_for(contract, rows, side))))
+    units = [side * side if unit == "pixel" else rows for rows, side in sizes]
+    slope = max(0.0, (peaks[1] - peaks[0]) / (units[1] - units[0]))
+    return {f"peak_bytes_per_{unit}": int(math.ceil(slope))}
+
+
+def measure(onnx_path: Path) -> dict[str, int]:
+    """``measure_here`` in a fresh process, so nothing this one allocated hides the peaks."""
+    done = subprocess.run([sys.executable, "-m", "export.memory", str(onnx_path)], capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {onnx_path.name}'s memory failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import onnx
+
+    from contract import CONTRACT_KEY
+
+    path = Path(sys.argv[1])
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    contract = ModelContract.from_json(props[CONTRACT_KEY])
+    del proto
+    print(json.dumps(measure_here(path, contract)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Each worker's memory budget for requests in flight, and giving memory back after large ones.
+
+Measured before this existed (two workers, the standard models): one 2000x2000 /denoise took a
+worker from 260 MB to 2.2 GB and kept it; eight palette PNGs declaring 4000x4000 took the server
+to 7.5 GB. A pod limited to 1536 Mi is OOM-killed long before that. So every request that decodes
+an image or runs a model first reserves what it will cost (known from the image header or the
+declared tensor shapes, before any payload is decoded) from its worker's budget:
+
+* cost = what the decode path holds per pixel (``DECODE_BYTES_PER_PIXEL``) + what the model's own
+  graph holds per unit of input, measured at export by running it at two sizes and stored in the
+  contract (``limits["peak_bytes_per_pixel"]`` or ``limits["peak_bytes_per_row"]``);
+* a request that can never fit is refused with 413 naming its cost and the budget; one that does
+  not fit now waits for memory (FIFO) up to ``memory_wait_ms``, then gets 503 + Retry-After;
+* the budget is the worker's share of ``memory_fraction`` of the limit (``memory_limit`` or the
+  cgroup's), minus what the worker holds once its models are loaded.
+
+Memory is given back after a large request: glibc keeps freed heap memory for reuse, so buffers
+above ``MMAP_THRESHOLD`` are put in their own mappings (returned to the kernel at once on free)
+and ``malloc_trim`` runs after every request that reserved more than ``TRIM_AFTER_BYTES``."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import functools
+import logging
+import os
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from services.errors import too_large, unavailable
+
+log = logging.getLogger("services.budget")
+MIB = 1024 * 1024
+# Bytes the image path holds per pixel of an upload at its peak (decoded pixels, the transparency
+# flattening, float planes in and out, the PNG encode), not counting the model's graph. Measured
+# with loadtest/attack.py's decode profile: RGB PNG through /denoise peaks at about 40 bytes per pixel.
+DECODE_BYTES_PER_PIXEL = 48
+MMAP_THRESHOLD = 1 * MIB
+TRIM_AFTER_BYTES = 16 * MIB
+
+
+def model_cost(limits: dict, rows: int, pixels_per_row: int = 0) -> int:
+    """What a model's graph holds for ``rows`` rows of ``pixels_per_row`` pixels (the contract's
+    measured figure; 0 for a model exported before it was measured)."""
+    if "peak_bytes_per_pixel" in limits and pixels_per_row:
+        return int(limits["peak_bytes_per_pixel"] * rows * pixels_per_row)
+    return int(limits.get("peak_bytes_per_row", 0) * rows)
+
+
+class MemoryBudget:
+    """Bytes reserved by the requests in flight in one worker (one event loop). ``capacity`` None
+    means no limit is known: nothing is refused or waited for."""
+
+    def __init__(self, capacity: int | None, wait_s: float = 10.0):
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self.used = 0
+        self.peak = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    def describe(self) -> str:
+        return "no limit" if self.capacity is None else f"{self.capacity / MIB:.0f} MiB"
+
+    @asynccontextmanager
+    async def reserve(self, cost: int, what: str, field: str = "image") -> AsyncIterator[None]:
+        """Holds ``cost`` bytes for the block; 413 when it can never fit, 503 after waiting."""
+        if self.capacity is None or cost <= 0:
+            yield
+            return
+        if cost > self.capacity:
+            raise too_large(field, f"{what} needs about {cost / MIB:.0f} MiB of memory; this worker's budget for "
+                                   f"requests is {self.capacity / MIB:.0f} MiB")
+        if self._waiters or self.used + cost > self.capacity:
+            await self._wait(cost, what, field)
+        self.used += cost
+        self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            self.used -= cost
+            self._wake()
+            if cost >= TRIM_AFTER_BYTES:
+                give_back_memory()
+
+    async def _wait(self, cost: int, what: str, field: str) -> None:
+        future = asyncio.get_running_loop().create_future()
+        entry = (cost, future)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.wait_s)
+        except asyncio.TimeoutError:
+            raise unavailable(field, f"{what} needs about {cost / MIB:.0f} MiB of memory and this worker's budget "
+                                     f"({self.capacity / MIB:.0f} MiB) stayed in use for {self.wait_s:.0f} s; retry "
+                                     f"later", retry_after=max(1.0, self.wait_s)) from None
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+                self._wake()  # the next one may fit now that this one gave up
+
+    def _wake(self) -> None:
+        """First come, first served: the oldest waiter goes when it fits (no starving large ones)."""
+        free = self.capacity - self.used
+        for cost, future in list(self._waiters):
+            if future.done():
+                continue
+            if cost > free:
+                break
+            future.set_result(None)
+            free -= cost
+            self._waiters.remove((cost, future))
+
+
+def worker_budget(limit: int | None, fraction: float, workers: int, resident: int) -> int | None:
+    """One worker's share of ``fraction`` of the tree's limit, minus what it holds already."""
+    if limit is None:
+        return None
+    share = int(limit * fraction / max(1, workers)) - resident
+    if share < 32 * MIB:
+        log.warning("memory: %d MiB limit x %.2f / %d workers leaves %d MiB for requests after the models (%d MiB); "
+                    "large requests will be refused", limit // MIB, fraction, workers, share // MIB, resident // MIB)
+    return max(share, 16 * MIB)
+
+
+def resident_bytes(pid: int | None = None) -> int:
+    """RSS of one process (from /proc; 0 where there is none)."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def tune_allocator() -> bool:
+    """Large buffers in their own mappings: returned to the kernel when freed instead of staying in
+    the heap for reuse (glibc raises its threshold up to 32 MiB by itself after the first large
+    free, which is how a worker kept gigabytes after one large image). glibc only."""
+    libc = _libc()
+    if libc is None:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+    libc.mallopt(m_trim_threshold, 4 * MIB)
+    return True
+
+
+def give_back_memory() -> None:
+    libc = _libc()
+    if libc is not None:
+        started = time.perf_counter()
+        libc.malloc_trim(0)
+        log.debug("malloc_trim took %.1f ms", (time.perf_counter() - started) * 1000)

@@ -1,0 +1,187 @@
+"""A header-read timeout and a connection cap for uvicorn's HTTP protocols, applied in each worker.
+
+uvicorn (which BentoML starts, so we cannot pass it options) has neither: a connection that never
+finishes its request headers is held until the client gives up, and every one of them costs a
+worker's event loop and the shared listening socket's backlog (2,048). Measured here: 2,100
+half-open connections on port 3000 delayed the probes there by seconds.
+
+``install_http_guard`` wraps methods of a dependency's classes,
+``uvicorn.protocols.http.httptools_impl.HttpToolsProtocol`` and, when importable,
+``uvicorn.protocols.http.h11_impl.H11Protocol`` (it calls the originals; no uvicorn code is copied).
+Written against uvicorn 0.55.0; tests/test_connection_guards.py fails when an upgrade breaks it,
+and the function returns False with a warning when the methods it wraps are gone.
+
+- ``connection_made``: a connection beyond ``max_connections`` open ones (uvicorn's server-wide
+  ``connections`` set, which already holds the new one) is answered 503 and closed at once; any
+  other arms a timer that answers 408 and closes it unless its request headers complete in time.
+- The deadline runs from the connection, then from the first byte of each later request (the idle
+  time between requests is uvicorn's own keep-alive timeout). A timer still armed is not re-armed:
+  a client trickling bytes must not reset its deadline.
+- httptools: armed in ``on_message_begin``, cancelled in ``on_headers_complete``.
+  h11 has no per-message parser callback, so ``data_received`` is wrapped: after uvicorn handled
+  the data, a connection whose peer is still ``h11.IDLE`` (a request begun, headers incomplete)
+  is armed, any other is disarmed.
+- ``connection_lost`` cancels the timer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+log = logging.getLogger("services.frontends")
+
+WRITTEN_FOR = "0.55.0"
+_TIMER = "_services_header_timer"  # the instance attribute holding the armed timer
+_MARK = "_services_http_guard"  # set on each wrapper: makes a second install a no-op
+_limits = {"max_connections": 1024, "header_timeout_s": 10.0}
+_installed = False
+
+
+def guard_installed() -> bool:
+    return _installed
+
+
+def _refuse(transport, status: bytes, error: str) -> None:
+    body = json.dumps({"error": error}).encode()
+    transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                    b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    transport.close()
+
+
+def _disarm(protocol) -> None:
+    timer = getattr(protocol, _TIMER, None)
+    if timer is not None:
+        timer.cancel()
+        setattr(protocol, _TIMER, None)
+
+
+def _arm(protocol) -> None:
+    if getattr(protocol, _TIMER, None) is None:
+        setattr(protocol, _TIMER, protocol.loop.call_later(_limits["header_timeout_s"], _expired, protocol))
+
+
+def _expired(protocol) -> None:
+    setattr(protocol, _TIMER, None)
+    transport = protocol.transport
+    if transport is None or transport.is_closing():
+        return
+    cycle = getattr(protocol, "cycle", None)
+    if cycle is not None and not cycle.response_complete:
+        # A pipelined request is slow while an answer is being written: no 408 into the middle of
+        # it; uvicorn's own shutdown closes the connection once that answer is complete.
+        protocol.shutdown()
+        return
+    timeout = _limits["header_timeout_s"]
+    _refuse(transport, b"408 Request Timeout", f"request headers not received within {timeout:g} s")
+
+
+def _wrap(cls, name: str, make):
+    original = getattr(cls, name)
+    if getattr(original, _MARK, False):
+        return
+    wrapper = make(original)
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = original.__name__, original.__qualname__, original.__doc__
+    setattr(wrapper, _MARK, True)
+    setattr(cls, name, wrapper)
+
+
+def _connection_made(original):
+    def connection_made(self, transport) -> None:
+        original(self, transport)
+        limit = _limits["max_connections"]
+        if len(self.connections) > limit:
+            _refuse(transport, b"503 Service Unavailable",
+                    f"server: too many open connections (limit {limit}); retry later")
+        else:
+            _arm(self)
+    return connection_made
+
+
+def _connection_lost(original):
+    def connection_lost(self, exc) -> None:
+        _disarm(self)
+        original(self, exc)
+    return connection_lost
+
+
+def _before(action):
+    """A wrapper that does ``action(self)`` and then calls the original with its arguments."""
+    def make(original):
+        def wrapper(self, *args):
+            action(self)
+            return original(self, *args)
+        return wrapper
+    return make
+
+
+def _h11_data_received(original):
+    import h11
+
+    def data_received(self, data: bytes) -> None:
+        original(self, data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            _arm(self)  # a request has begun and its headers are not complete yet
+        else:
+            _disarm(self)
+    return data_received
+
+
+def _targets() -> list[tuple[type, dict]] | None:
+    """The classes to patch with their wrappers, or None if uvicorn no longer has what we wrap."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError as exc:
+        log.warning("HTTP guard not installed: uvicorn's httptools protocol is not importable (%s)", exc)
+        return None
+    common = {"connection_made": _connection_made, "connection_lost": _connection_lost}
+    targets = [(HttpToolsProtocol, {**common, "on_message_begin": _before(_arm),
+                                    "on_headers_complete": _before(_disarm)})]
+    try:
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError:
+        pass  # h11 not installed: nothing to guard there
+    else:
+        if hasattr(h11, "IDLE"):
+            targets.append((H11Protocol, {**common, "data_received": _h11_data_received}))
+        else:
+            log.warning("HTTP guard not installed: h11 %s has no IDLE state", getattr(h11, "__version__", "?"))
+            return None
+    for cls, wrappers in targets:
+        missing = [name for name in [*wrappers, "shutdown"] if not callable(getattr(cls, name, None))]
+        if missing:
+            log.warning("HTTP guard not installed: uvicorn %s's %s has no %s (written for uvicorn %s)",
+                        _uvicorn_version(), cls.__name__, ", ".join(missing), WRITTEN_FOR)
+            return None
+    return targets
+
+
+def _uvicorn_version() -> str:
+    import uvicorn
+
+    return getattr(uvicorn, "__version__", "?")
+
+
+def install_http_guard(max_connections: int, header_timeout_s: float) -> bool:
+    """Guard uvicorn's HTTP connections (see the module docstring); True when installed.
+
+    Call it before uvicorn accepts connections; calling it again only updates the limits."""
+    global _installed
+    if max_connections < 1 or header_timeout_s <= 0:
+        raise ValueError(f"max_connections {max_connections} and header_timeout_s {header_timeout_s} must be > 0")
+    _limits.update(max_connections=int(max_connections), header_timeout_s=float(header_timeout_s))
+    if _installed:
+        return True
+    targets = _targets()
+    if targets is None:
+        return False
+    if _uvicorn_version() != WRITTEN_FOR:
+        log.info("HTTP guard written for uvicorn %s, running on %s", WRITTEN_FOR, _uvicorn_version())
+    for cls, wrappers in targets:
+        for name, make in wrappers.items():
+            _wrap(cls, name, make)
+    _installed = True
+    log.info("HTTP guard: at most %d connections per worker, request headers within %g s",
+             max_connections, header_timeout_s)
+    return True

@@ -51,7 +51,7 @@ def _status_bytes(field: str) -> int:
     raise KeyError(field)
 
 
-def _peak_of(run) -> int:
+def peak_above_rest(run) -> int:
     """Peak resident bytes above the resting ones while ``run()`` runs."""
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux 4.0+)
@@ -79,7 +79,7 @@ def measure_here(onnx_path: Path, contract: ModelContract) -> dict[str, int]:
     peaks = []
     for rows, side in sizes:
         session.run(None, feeds_for(contract, rows, side))  # once, so lazily built kernels are not counted
-        peaks.append(_peak_of(lambda: session.run(None, feeds_for(contract, rows, side))))
+        peaks.append(peak_above_rest(lambda: session.run(None, feeds_for(contract, rows, side))))
     units = [side * side if unit == "pixel" else rows for rows, side in sizes]
     slope = max(0.0, (peaks[1] - peaks[0]) / (units[1] - units[0]))
     return {f"peak_bytes_per_{unit}": int(math.ceil(slope))}

@@ -26,7 +26,6 @@ import http.client
 import io
 import json
 import math
-import os
 import resource
 import select
 import socket
@@ -43,9 +42,12 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Protocol, TypeVar
 from urllib.parse import urlsplit
 
+from loadtest.overload import percentile as overload_percentile
+from services.budget import resident_bytes
+from services.control import write_atomically
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-PAGE_SIZE = resource.getpagesize()
 
 # The server as the pod runs it: two workers under the pod's memory limit (the server budgets 0.8 of
 # it over its process tree), one ONNX Runtime thread each, a short header timeout, model control off.
@@ -722,14 +724,9 @@ def process_tree(pid: int) -> list[int]:
 
 
 def tree_rss(pid: int) -> int:
-    """The resident memory of ``pid``'s whole process tree, in bytes (statm's resident pages)."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            total += int(Path(f"/proc/{member}/statm").read_text().split()[1]) * PAGE_SIZE
-        except (OSError, IndexError, ValueError):
-            pass  # ended between the walk and the read
-    return total
+    """The resident memory of ``pid``'s whole process tree, in bytes (a member that ended between
+    the walk and the read counts 0)."""
+    return sum(resident_bytes(member) for member in process_tree(pid))
 
 
 def resting_rss(pid: int | None, idle_s: float = 0.0, window_s: float = 1.0) -> int | None:
@@ -830,8 +827,7 @@ class Monitor:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else None
+    return overload_percentile(values, q) if values else None
 
 
 @dataclass
@@ -955,9 +951,7 @@ def report(outcomes: list[Outcome], goals: Goals, rest: int | None, server: str)
 def write_report(text: str, path: Path) -> None:
     """Written to a temporary file, then renamed: a reader never sees half a report."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".attack-", suffix=".md", delete=False) as out:
-        out.write(text)
-    os.replace(out.name, path)
+    write_atomically(path, text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:

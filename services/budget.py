@@ -1,8 +1,8 @@
 """Each worker's memory budget for requests in flight, and giving memory back after large ones.
 
-Measured before this existed (two workers, the standard models): one 2000x2000 /denoise took a
-worker from 260 MB to 2.2 GB and kept it; eight palette PNGs declaring 4000x4000 took the server
-to 7.5 GB. A pod limited to 1536 Mi is OOM-killed long before that. So every request that decodes
+Measured before this existed (issue 23, two workers, the standard models): one 2000x2000 /denoise
+took a worker from 260 MB to 2.2 GB and kept it; eight palette PNGs declaring 4000x4000 took the
+server to 7.5 GB. A pod limited to 1536 Mi is OOM-killed long before that. So every request that decodes
 an image or runs a model first reserves what it will cost (known from the image header or the
 declared tensor shapes, before any payload is decoded) from its worker's budget:
 
@@ -35,10 +35,12 @@ from services.errors import too_large, unavailable
 
 log = logging.getLogger("services.budget")
 MIB = 1024 * 1024
-# Bytes the image path holds per pixel of an upload at its peak (decoded pixels, the transparency
-# flattening, float planes in and out, the PNG encode), not counting the model's graph. Measured
-# with loadtest/attack.py's decode profile: RGB PNG through /denoise peaks at about 40 bytes per pixel.
+# Bytes the image path holds per pixel of an upload at its peak, not counting the model's graph,
+# with headroom over what `python -m loadtest.decode_cost` measured here: an RGB PNG through the
+# native-size path (decoded pixels, float planes in and out, the PNG answer) 40.6, grey 12.4; a
+# model of fixed size (the picture shrunk right after decoding) 4.0 (RGB) and 8.2 (palette).
 DECODE_BYTES_PER_PIXEL = 48
+DECODE_BYTES_PER_PIXEL_SHRUNK = 12
 MMAP_THRESHOLD = 1 * MIB
 TRIM_AFTER_BYTES = 16 * MIB
 

@@ -63,13 +63,10 @@ class DataPlane:
         self.control = control  # model control across workers (services.control.ModelControl); None: this process
         self.budget = budget or MemoryBudget(None)  # this worker's memory for requests in flight
         self._readiness: dict[str, Callable[[], str | None]] = {}
-        self._handlers: dict[str, TaskHandler] = {family: kind() for family, kind in HANDLERS.items()}
-        for handler in self._handlers.values():
-            handler.budget = self.budget
-            if isinstance(handler, Denoising):
-                handler.tile_size = repository.config.tile_size
+        self._handlers: dict[str, TaskHandler] = {family: kind(self.budget, repository.config)
+                                                  for family, kind in HANDLERS.items()}
         self._variant_table: dict[str, dict[str, tuple[str, float]]] | None = None
-        self._image_limits: dict[str | None, int] = {}
+        self._body_limits: dict[Any, int] = {}  # by task (image routes), by (model, binary, json limit) (OIP)
         self._cuda: bool | None = None  # whether sessions run on CUDA (decides the auto variant)
 
     # ---- health ----------------------------------------------------------------------------------
@@ -103,35 +100,49 @@ class DataPlane:
 
     # ---- limits known before a request's body is read ------------------------------------------------
 
-    def _limit_contract(self, model: str | None):
-        """The contract a request for ``model`` is checked against (the routed variant's); 404 for
-        a model this server does not serve."""
-        name, _, version = (model or "").partition(":")
-        return self.repository.contract(name if version else self.route(name), version or None)
+    def _routed_contract(self, name: str, version: str | None):
+        """The contract a request for ``name`` (and ``version``) is checked against: the routed
+        variant's without a version; 404 for a model this server does not serve."""
+        return self.repository.contract(name if version else self.route(name), version)
+
+    def _served_contracts(self):
+        """The contract of every served model that has a readable one (a corrupt artifact is
+        reported by readiness, not here)."""
+        for name in self.repository.names:
+            if self.repository.versions(name):
+                try:
+                    yield name, self.repository.contract(name)
+                except ServingError:
+                    continue
 
     def image_body_limit(self, task: str | None) -> int:
         """The largest upload an image route takes: 4 bytes per pixel (RGBA) at the largest pixel
         limit among the served models of its task."""
-        if task not in self._image_limits:
-            limits = [self.repository.contract(n).limits.get("max_pixels", 0) for n in self.repository.names
-                      if self.repository.versions(n) and self.repository.contract(n).family == task]
-            self._image_limits[task] = 4 * max(limits, default=0)
-        return self._image_limits[task]
+        if task not in self._body_limits:
+            self._body_limits[task] = 4 * max((c.limits.get("max_pixels", 0) for _, c in self._served_contracts()
+                                               if c.family == task), default=0)
+        return self._body_limits[task]
 
     def tensor_body_limit(self, model: str | None, binary: bool, json_limit: int) -> int:
-        contract = self._limit_contract(model)
-        limit = self.handler(contract.family).body_limit(contract, binary, json_limit)
-        return limit if limit is not None else 1 << 62  # the global ceiling applies
+        """The largest OIP inference body ``model`` can need (its contract's largest tensors, binary
+        or as JSON numbers); computed once per model, kind and limit."""
+        key = (model, binary, json_limit)
+        if key not in self._body_limits:
+            name, _, version = (model or "").partition(":")
+            contract = self._routed_contract(name, version or None)
+            limit = self.handler(contract.family).body_limit(contract, binary, json_limit)
+            self._body_limits[key] = limit if limit is not None else 1 << 62  # the global ceiling applies
+        return self._body_limits[key]
 
     def grpc_message_limit(self) -> int:
         """The largest binary inference message any served model can need."""
-        limits = [self.tensor_body_limit(n, True, 1 << 20) for n in self.repository.names if self.repository.versions(n)]
-        return max(limits, default=4 * 1024 * 1024)
+        return max((self.tensor_body_limit(name, True, 1 << 20) for name, _ in self._served_contracts()),
+                   default=4 * 1024 * 1024)
 
     def check_declared(self, model: str, version: str | None, declared: Iterable[tuple[str, Any, Any]]) -> None:
         """Each (name, datatype, shape) a request declares, against the model's contract, before
         any tensor data is decoded."""
-        contract = self.repository.contract(model if version else self.route(model), version)
+        contract = self._routed_contract(model, version)
         handler = self.handler(contract.family)
         seen = set()
         for name, datatype, shape in declared:
@@ -161,7 +172,7 @@ class DataPlane:
 
     async def _control(self, name: str, wanted: WantedState) -> dict:
         self._variant_table = None  # a new version may be (or stop being) a variant
-        self._image_limits.clear()
+        self._body_limits.clear()
         self.repository.versions(name)  # 404 for a model this server does not serve
         if wanted.version:  # 404 for a version not in the store (apply re-reads it in every worker anyway)
             self.repository.refresh([name])

@@ -210,7 +210,10 @@ class ModelRepository:
         if loaded is not None:
             return loaded.contract
         if key not in self._contracts:
-            self._contracts[key] = read_contract(stored.folder / ONNX_FILE)
+            try:
+                self._contracts[key] = read_contract(stored.folder / ONNX_FILE)
+            except Exception as exc:  # noqa: BLE001 - a corrupt artifact: not ready, named, never a 500
+                raise unavailable("model", load_failure(stored.name, stored.version, exc)) from None
         return self._contracts[key]
 
     # ---- what is loaded ------------------------------------------------------------------------

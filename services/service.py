@@ -94,7 +94,7 @@ class Suite:
                                             resident_bytes()), CONFIG.memory_wait_ms / 1000)
         log.info("memory budget for requests: %s per worker", budget.describe())
         self.plane = DataPlane(self.repository, server_version=bentoml.__version__, control=self.control, budget=budget)
-        http_app.bind(self.plane, self.metrics, CONFIG.keepalive_requests, CONFIG.keepalive_streams, CONFIG.api_key)
+        http_app.bind(self.plane, self.metrics)
         self.grpc = (GrpcFrontend(self.plane, CONFIG, self.metrics) if CONFIG.grpc_port else None)
         self.probes = (ProbeServer(ProbeState(self.plane.not_ready_reason), CONFIG.probe_port, CONFIG.host,
                                    exposition) if CONFIG.probe_port else None)

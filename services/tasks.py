@@ -18,7 +18,8 @@ from PIL import Image
 
 from contract import DTYPES, ModelContract, TensorSpec
 from services.errors import bad_request, too_large
-from services.budget import DECODE_BYTES_PER_PIXEL, MemoryBudget, model_cost
+from services.budget import DECODE_BYTES_PER_PIXEL, DECODE_BYTES_PER_PIXEL_SHRUNK, MemoryBudget, model_cost
+from services.config import ServingConfig
 from services.imaging import encode_png, grid, load_image, open_image, to_model_input
 from services.repository import ModelHandle
 from services.textengine import Sequence
@@ -29,7 +30,7 @@ Tensors = dict[str, np.ndarray]
 # than the work. Larger ones go to a thread so the loop keeps serving.
 INLINE_PIXELS = 256 * 256
 TOP_K_CAP = 100
-DECODE_BYTES_PER_PIXEL_SHRUNK = 12
+GRAY_MODES = ("L", "I", "I;16", "F", "1")  # denoised as one plane; any other mode as three (RGB)
 BYTES_DTYPE = np.dtype(object)
 
 
@@ -86,7 +87,10 @@ class TaskHandler:
     the batch limit, then the task's own limits (``check_values``)."""
 
     task = ""
-    budget = MemoryBudget(None)  # the worker's, set by the data plane
+
+    def __init__(self, budget: MemoryBudget | None = None, config: ServingConfig | None = None):
+        self.budget = budget or MemoryBudget(None)  # the worker's memory for requests in flight
+        self.config = config or ServingConfig()
 
     def tensor_cost(self, contract: ModelContract, feeds: Tensors) -> int:
         """What running these tensors holds: the inputs and outputs' own bytes are small next to the
@@ -134,15 +138,12 @@ class TaskHandler:
             raise bad_request(name, f"unknown input tensor; {contract.name} takes {[*specs, *extra]}")
         if datatype != spec.oip_datatype:
             raise bad_request(name, f"datatype {datatype!r} given, {spec.oip_datatype} expected")
-        if not isinstance(shape, (list, tuple)) or len(shape) != len(spec.shape):
-            raise bad_request(name, f"shape {shape!r} does not match {spec.shape} ({', '.join(spec.axis_names)})")
-        count = 1
-        for d in shape:
-            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-                raise bad_request(name, f"shape must be a list of non-negative integers, got {shape!r}")
-            count *= d
-            if count > 1 << 40:
-                break
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                            for d in shape):
+            raise bad_request(name, f"shape must be a list of non-negative integers, got {shape!r}")
+        if not shape_matches(spec, tuple(shape)):
+            raise bad_request(name, f"shape {list(shape)} does not match {spec.shape} ({', '.join(spec.axis_names)})")
+        count = int(np.prod(shape, dtype=object))  # Python integers: no overflow for hostile shapes
         limit = self.max_elements(contract, spec)
         if limit is not None and count > limit:
             raise too_large(name, f"shape {list(shape)} holds {count} elements; {contract.name} takes at most {limit}")
@@ -289,7 +290,6 @@ def _mask_png(mask: np.ndarray, size: tuple[int, int]) -> bytes:
 
 class Denoising(TaskHandler):
     task = "denoise"
-    tile_size = 512  # the data plane sets the configured one
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
         noisy, level = contract.inputs[0].name, contract.inputs[1].name
@@ -317,13 +317,13 @@ class Denoising(TaskHandler):
         level = self.sigma_level(c, sigma)
         opened = open_upload(image, c)
         pixels = opened.width * opened.height
-        grid_ = TileGrid(opened.height, opened.width, self.tile_size, TILE_OVERLAP, c.image.multiple_of)
+        grid_ = TileGrid(opened.height, opened.width, self.config.tile_size, TILE_OVERLAP, c.image.multiple_of)
         window_pixels = grid_.window[0] * grid_.window[1]
         row_cost = model_cost(c.limits, 1, window_pixels) + window_pixels * 8
         # Rows per run: what a quarter of the budget holds, so a few large images can share it.
         room = (self.budget.capacity or 1 << 62) // 4 - decode_cost(opened, c)
         rows_per_run = int(max(1, min(c.max_batch or 64, room // max(1, row_cost))))
-        channels = 1 if opened.mode in ("L", "I", "I;16", "F", "1") else 3
+        channels = 1 if opened.mode in GRAY_MODES else 3
         rows_per_run = min(rows_per_run, channels * len(grid_.tiles))
         cost = decode_cost(opened, c) + rows_per_run * row_cost
         async with self.budget.reserve(cost, f"a {opened.width}x{opened.height} image"):
@@ -394,15 +394,20 @@ class TileGrid:
 
 
 def _planes(picture: Image.Image) -> tuple[np.ndarray, bool]:
-    rgb = picture.mode not in ("L", "I", "I;16", "F", "1")
+    rgb = picture.mode not in GRAY_MODES
     pixels = np.asarray(picture.convert("RGB" if rgb else "L"), dtype=np.float32) / 255.0
     planes = pixels.transpose(2, 0, 1) if rgb else pixels[None]
     return np.ascontiguousarray(planes[:, None]), rgb  # (C, 1, H, W): one row per channel
 
 
 def _denoised_png(out: np.ndarray, rgb: bool) -> bytes:
-    out = (np.clip(out[:, 0], 0, 1) * 255 + 0.5).astype(np.uint8)
-    return encode_png(out.transpose(1, 2, 0) if rgb else out[0])
+    """The model's planes (overwritten: in place, so no float copy of a large image is made) -> PNG."""
+    planes = out[:, 0]
+    np.clip(planes, 0, 1, out=planes)
+    planes *= 255
+    planes += 0.5
+    pixels = planes.astype(np.uint8)
+    return encode_png(pixels.transpose(1, 2, 0) if rgb else pixels[0])
 
 
 # ---- image generation (GAN sampling) -----------------------------------------------------------------

@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette._utils import get_route_path  # how Starlette itself strips a mount prefix
 from starlette.routing import Match, Route
 
+from services.config import ServingConfig
 from services.errors import ServingError, bad_request, too_large, unauthorized, unavailable
 
 log = logging.getLogger("services.frontends")
@@ -205,6 +206,15 @@ def error_response(exc: ServingError, body: Callable[[ServingError], Any] | None
 Handler = Callable[[Request], Awaitable[Any]]
 
 
+def require_bearer(request: Request, key: bytes, missing: str, what: str) -> None:
+    """``Authorization: Bearer <key>``, compared in constant time; 401 naming ``what`` otherwise."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise unauthorized(f"missing: {missing} as 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(token.strip().encode(), key):
+        raise unauthorized(f"the {what} is not valid")
+
+
 class Endpoint:
     """One route's ASGI app: method check, the handler, error mapping, request metrics. ``model``
     names the model for metrics (a path parameter name prefixed with ':' or a fixed name)."""
@@ -301,10 +311,8 @@ class HttpFrontend(Starlette):
     """Routes of one or more HTTP front-ends over a data plane that is bound once the serving process
     has built it (``bind``); until then every route answers 503."""
 
-    def __init__(self, config: Any = None):
+    def __init__(self, config: ServingConfig | None = None):
         super().__init__()
-        from services.config import ServingConfig
-
         self.config = config or ServingConfig()
         self.plane: Any = None
         self.metrics: Any = None
@@ -315,24 +323,21 @@ class HttpFrontend(Starlette):
         self.api_key = b""
         self._exact: dict[str, Endpoint] = {}
 
-    def bind(self, plane: Any, metrics: Any = None, keepalive_requests: int = 0, keepalive_streams: int = 0,
-             api_key: str = "") -> None:
-        """``keepalive_requests``: close a keep-alive connection after that many requests on average
-        (at random, so no per-connection state), which lets the kernel hand the reconnection to
-        whichever worker is least busy; 0 keeps connections open. ``keepalive_streams``: the same
-        for streamed responses, which are long enough that rebalancing sooner costs nothing."""
+    def bind(self, plane: Any, metrics: Any = None) -> None:
+        """The settings' ``keepalive_requests``: close a keep-alive connection after that many
+        requests on average (at random, so no per-connection state), which lets the kernel hand the
+        reconnection to whichever worker is least busy; 0 keeps connections open.
+        ``keepalive_streams``: the same for streamed responses, which are long enough that
+        rebalancing sooner costs nothing."""
         self.plane, self.metrics = plane, metrics
-        self.close_probability = 1 / keepalive_requests if keepalive_requests else 0.0
-        self.stream_close_probability = 1 / keepalive_streams if keepalive_streams else 0.0
-        self.api_key = api_key.encode()
+        requests, streams = self.config.keepalive_requests, self.config.keepalive_streams
+        self.close_probability = 1 / requests if requests else 0.0
+        self.stream_close_probability = 1 / streams if streams else 0.0
+        self.api_key = self.config.api_key.encode()
 
     def authorize(self, request: Request) -> None:
         """``Authorization: Bearer <api_key>``, compared in constant time; 401 otherwise."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized("missing: send the API key as 'Authorization: Bearer <key>'")
-        if not hmac.compare_digest(token.strip().encode(), self.api_key):
-            raise unauthorized("the API key is not valid")
+        require_bearer(request, self.api_key, "send the API key", "API key")
 
     def authorize_control(self, request: Request) -> None:
         """Model control: 403 unless enabled (``model_control=explicit``), then the admin key (never
@@ -341,11 +346,7 @@ class HttpFrontend(Starlette):
         if self.config.model_control != "explicit":
             raise ServingError("model_control", "model control is off on this server (model_control=none); "
                                                 "start it with model_control=explicit and an admin_key", 403)
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized("missing: model control needs the admin key as 'Authorization: Bearer <key>'")
-        if not hmac.compare_digest(token.strip().encode(), self.config.admin_key.encode()):
-            raise unauthorized("the admin key is not valid")
+        require_bearer(request, self.config.admin_key.encode(), "model control needs the admin key", "admin key")
         if request.method == "POST" and request.media_type != "application/json":
             raise ServingError("content-type", f"model control takes application/json, got "
                                                f"{request.media_type or 'no content type'}", 415)

@@ -50,10 +50,10 @@ def declared_inputs(request: dict) -> list[tuple[str, object, object]]:
 
 
 def decode_inputs(request: dict, binary: memoryview) -> dict:
-    inputs = request.get("inputs")
-    declared_inputs(request)
+    """The inputs' data, once ``declared_inputs`` has checked their form (and the data plane their
+    names, datatypes and shapes against the contract)."""
     feeds, offset = {}, 0
-    for tensor in inputs:
+    for tensor in request["inputs"]:
         name = tensor["name"]
         if name in feeds:
             raise bad_request(name, "input given twice")

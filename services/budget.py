@@ -28,8 +28,6 @@ import logging
 import os
 import time
 from collections import deque
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from services.errors import too_large, unavailable
 
@@ -37,11 +35,14 @@ log = logging.getLogger("services.budget")
 MIB = 1024 * 1024
 # Bytes the image path holds per pixel of an upload at its peak, not counting the model's graph,
 # with headroom over what `python -m loadtest.decode_cost` measured here: an RGB PNG through the
-# native-size path (decoded pixels, float planes in and out, the PNG answer) 40.6, grey 12.4; a
-# model of fixed size (the picture shrunk right after decoding) 4.0 (RGB) and 8.2 (palette).
+# native-size path (decoded pixels, float planes in and out, the PNG answer) 38.0, grey 12.0; a
+# model of fixed size (the picture shrunk right after decoding) 4.0 (RGB) and 8.0 (palette).
 DECODE_BYTES_PER_PIXEL = 48
 DECODE_BYTES_PER_PIXEL_SHRUNK = 12
-MMAP_THRESHOLD = 1 * MIB
+# Above this a buffer gets its own mapping, returned to the kernel when freed. Not lower: with no
+# ONNX Runtime arena, a 1 MiB threshold mapped and faulted in LeNet-5's activations on every
+# batched run (measured: batches of 32 and 64 rows 1.7x slower; 8 MiB costs nothing).
+MMAP_THRESHOLD = 8 * MIB
 TRIM_AFTER_BYTES = 16 * MIB
 
 
@@ -67,26 +68,12 @@ class MemoryBudget:
     def describe(self) -> str:
         return "no limit" if self.capacity is None else f"{self.capacity / MIB:.0f} MiB"
 
-    @asynccontextmanager
-    async def reserve(self, cost: int, what: str, field: str = "image") -> AsyncIterator[None]:
-        """Holds ``cost`` bytes for the block; 413 when it can never fit, 503 after waiting."""
+    def reserve(self, cost: int, what: str, field: str = "image") -> "Reservation | _Free":
+        """``async with budget.reserve(...)`` holds ``cost`` bytes for the block; 413 when it can
+        never fit, 503 after waiting. Free (no allocation at all) without a limit: the hot path."""
         if self.capacity is None or cost <= 0:
-            yield
-            return
-        if cost > self.capacity:
-            raise too_large(field, f"{what} needs about {cost / MIB:.0f} MiB of memory; this worker's budget for "
-                                   f"requests is {self.capacity / MIB:.0f} MiB")
-        if self._waiters or self.used + cost > self.capacity:
-            await self._wait(cost, what, field)
-        self.used += cost
-        self.peak = max(self.peak, self.used)
-        try:
-            yield
-        finally:
-            self.used -= cost
-            self._wake()
-            if cost >= TRIM_AFTER_BYTES:
-                give_back_memory()
+            return FREE
+        return Reservation(self, cost, what, field)
 
     async def _wait(self, cost: int, what: str, field: str) -> None:
         future = asyncio.get_running_loop().create_future()
@@ -114,6 +101,40 @@ class MemoryBudget:
             future.set_result(None)
             free -= cost
             self._waiters.remove((cost, future))
+
+
+class _Free:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc) -> None:
+        return None
+
+
+FREE = _Free()
+
+
+class Reservation:
+    __slots__ = ("budget", "cost", "what", "field")
+
+    def __init__(self, budget: MemoryBudget, cost: int, what: str, field: str):
+        self.budget, self.cost, self.what, self.field = budget, cost, what, field
+
+    async def __aenter__(self) -> None:
+        budget, cost = self.budget, self.cost
+        if cost > budget.capacity:
+            raise too_large(self.field, f"{self.what} needs about {cost / MIB:.0f} MiB of memory; this worker's "
+                                        f"budget for requests is {budget.capacity / MIB:.0f} MiB")
+        if budget._waiters or budget.used + cost > budget.capacity:
+            await budget._wait(cost, self.what, self.field)
+        budget.used += cost
+        budget.peak = max(budget.peak, budget.used)
+
+    async def __aexit__(self, *exc) -> None:
+        self.budget.used -= self.cost
+        self.budget._wake()
+        if self.cost >= TRIM_AFTER_BYTES:
+            give_back_memory()
 
 
 def worker_budget(limit: int | None, fraction: float, workers: int, resident: int) -> int | None:
@@ -155,7 +176,7 @@ def tune_allocator() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-    libc.mallopt(m_trim_threshold, 4 * MIB)
+    libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)  # glibc's own ratio; malloc_trim does the rest
     return True
 
 

@@ -71,7 +71,7 @@ class Suite:
             log.warning("ignoring unknown --arg keys %s", sorted(CONFIG.extra))
         cancel_request_timers()  # before the first request; see services/bentoml_fixes.py
         # uvicorn reads its protocol class when a connection arrives, after this start-up hook.
-        install_http_guard(CONFIG.max_connections, CONFIG.header_timeout_s)
+        install_http_guard(CONFIG.max_connections, CONFIG.header_timeout_s, CONFIG.body_timeout_s)
         tune_allocator()  # before the models allocate: large buffers go back to the kernel when freed
         # Workers share one listening socket and uvloop's libuv accepts every pending connection at
         # once, so one worker can take most connections of a load test (measured splits of 32: 31/1,

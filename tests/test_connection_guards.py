@@ -67,6 +67,12 @@ def get(sock: socket.socket, path: str, extra: str = "") -> tuple[int, dict[str,
 
 async def hello(scope, receive, send) -> None:
     assert scope["type"] == "http"
+    while True:  # the body first, as a real application reads it
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        if not message.get("more_body"):
+            break
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
@@ -273,3 +279,21 @@ def test_probe_routes_methods_and_framing(probes):
     with connect(probes.port) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n")
         assert read_until_closed(sock).startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_body_sent_too_slowly_is_answered_408_and_closed():
+    """The body timeout: headers on time, then a body that never completes."""
+    port_iter = serve_guarded("httptools")
+    port = next(port_iter)
+    try:
+        assert install_http_guard(max_connections=20, header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=0.5)
+        with connect(port) as sock:
+            started = time.monotonic()
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nabc")
+            answer = read_until_closed(sock)
+            elapsed = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"request body not received within 0.5 s" in answer, answer
+        assert elapsed < 2.0, elapsed
+    finally:
+        install_http_guard(max_connections=20, header_timeout_s=HEADER_TIMEOUT_S)
+        next(port_iter, None)  # stops the server

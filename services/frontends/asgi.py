@@ -45,14 +45,12 @@ def _no_constant(name: str) -> Any:
 
 
 class Request:
-    __slots__ = ("scope", "_receive", "max_body_bytes", "body_timeout_s", "_headers", "_query", "_body", "body_read")
+    __slots__ = ("scope", "_receive", "max_body_bytes", "_headers", "_query", "_body", "body_read")
 
-    def __init__(self, scope: dict, receive: Callable[[], Awaitable[dict]], max_body_bytes: int,
-                 body_timeout_s: float = 30.0):
+    def __init__(self, scope: dict, receive: Callable[[], Awaitable[dict]], max_body_bytes: int):
         self.scope = scope
         self._receive = receive
         self.max_body_bytes = max_body_bytes
-        self.body_timeout_s = body_timeout_s
         self._headers: dict[str, str] | None = None
         self._query: dict[str, str] | None = None
         self._body: bytes | None = None
@@ -101,12 +99,10 @@ class Request:
             if length > self.max_body_bytes:
                 raise too_large("body", f"{length} bytes; the limit is {self.max_body_bytes}")
         chunks, size = [], 0
-        deadline = time.monotonic() + self.body_timeout_s
+        # A client trickling its body is cut off by the connection guard's body timeout
+        # (services/frontends/connections.py), not a timer here: that one costs nothing per request.
         while True:
-            try:  # a client trickling its body must not hold the request (and its memory) forever
-                message = await asyncio.wait_for(self._receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise ServingError("body", f"not received within {self.body_timeout_s:g} s", 408) from None
+            message = await self._receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = message.get("body", b"")
@@ -226,6 +222,8 @@ class Endpoint:
         self.public = public  # answered without the API key (health, metrics)
         self.admits = admits  # runs the model: refused at once, body unread, while the model cannot take more
         self.body = body  # what the body holds, for its limit: json, image (the task's), tensors (the model's), none
+        # json and none limits are the settings'; the others depend on the model, known per request
+        self.fixed_body_limit = frontend.body_limit(body, None, None) if body in ("json", "none") else None
         self.control = control  # model control: off unless enabled, then the admin key instead of the API key
         self.cancel_on_disconnect = cancel_on_disconnect  # a non-streamed generation stops when its client leaves
         self.handler = handler
@@ -237,7 +235,7 @@ class Endpoint:
     async def __call__(self, scope, receive, send) -> None:
         started = time.perf_counter()
         frontend = self.frontend
-        request = Request(scope, receive, frontend.max_body_bytes, frontend.body_timeout_s)
+        request = Request(scope, receive, frontend.max_body_bytes)
         try:
             if frontend.plane is None:
                 raise unavailable("server", "starting: models are not loaded yet", retry_after=1)
@@ -251,7 +249,8 @@ class Endpoint:
                 response.headers.append((b"allow", ", ".join(self.methods).encode()))
             else:
                 # Everything that can refuse the request without its body does so before it is read.
-                request.max_body_bytes = frontend.body_limit(self.body, self._model_label(scope), request)
+                request.max_body_bytes = self.fixed_body_limit or frontend.body_limit(self.body, self._model_label(scope),
+                                                                                      request)
                 if self.admits:
                     refusal = frontend.plane.admission_error(self._model_label(scope))
                     if refusal is not None:
@@ -317,7 +316,6 @@ class HttpFrontend(Starlette):
         self.plane: Any = None
         self.metrics: Any = None
         self.max_body_bytes = self.config.max_body_bytes
-        self.body_timeout_s = self.config.body_timeout_s
         self.close_probability = 0.0
         self.stream_close_probability = 0.0
         self.api_key = b""
@@ -351,7 +349,7 @@ class HttpFrontend(Starlette):
             raise ServingError("content-type", f"model control takes application/json, got "
                                                f"{request.media_type or 'no content type'}", 415)
 
-    def body_limit(self, kind: str, model: str | None, request: Request) -> int:
+    def body_limit(self, kind: str, model: str | None, request: Request | None) -> int:
         """The body limit of one request, known before its body is read: each is far below the
         global ceiling (``max_body_bytes``) that used to apply to every route."""
         ceiling = self.config.max_body_bytes

@@ -1,9 +1,9 @@
-"""A header-read timeout and a connection cap for uvicorn's HTTP protocols, applied in each worker.
+"""A header and body read timeout and a connection cap for uvicorn's HTTP protocols, in each worker.
 
 uvicorn (which BentoML starts, so we cannot pass it options) has neither: a connection that never
-finishes its request headers is held until the client gives up, and every one of them costs a
-worker's event loop and the shared listening socket's backlog (2,048). Measured here: 2,100
-half-open connections on port 3000 delayed the probes there by seconds.
+finishes its request is held until the client gives up, and every one of them costs a worker's
+event loop and the shared listening socket's backlog (2,048). Measured here: 2,100 half-open
+connections on port 3000 delayed the probes there by seconds.
 
 ``install_http_guard`` wraps methods of a dependency's classes,
 ``uvicorn.protocols.http.httptools_impl.HttpToolsProtocol`` and, when importable,
@@ -12,16 +12,18 @@ Written against uvicorn 0.55.0; tests/test_connection_guards.py fails when an up
 and the function returns False with a warning when the methods it wraps are gone.
 
 - ``connection_made``: a connection beyond ``max_connections`` open ones (uvicorn's server-wide
-  ``connections`` set, which already holds the new one) is answered 503 and closed at once; any
-  other arms a timer that answers 408 and closes it unless its request headers complete in time.
-- The deadline runs from the connection, then from the first byte of each later request (the idle
-  time between requests is uvicorn's own keep-alive timeout). A timer still armed is not re-armed:
-  a client trickling bytes must not reset its deadline.
-- httptools: armed in ``on_message_begin``, cancelled in ``on_headers_complete``.
-  h11 has no per-message parser callback, so ``data_received`` is wrapped: after uvicorn handled
-  the data, a connection whose peer is still ``h11.IDLE`` (a request begun, headers incomplete)
-  is armed, any other is disarmed.
-- ``connection_lost`` cancels the timer.
+  ``connections`` set, which already holds the new one) is answered 503 and closed at once.
+- Each connection carries a deadline: for its request headers from the connection, then from the
+  first byte of each later request (the idle time between requests is uvicorn's own keep-alive
+  timeout), and for its body from the end of its headers. A deadline still running is not moved:
+  a client trickling bytes must not reset it. Past it the request gets 408 and the connection is
+  closed (or, while an answer is being written, closed once it is complete).
+- Deadlines are plain attributes, checked by one sweep per worker a few times per timeout, not
+  timers per request: on /classify's hot path per-request timers cost measurable throughput.
+- httptools: set in ``connection_made`` / ``on_message_begin`` (headers), ``on_headers_complete``
+  (body), cleared in ``on_message_complete``. h11 has no per-message parser callback, so
+  ``data_received`` is wrapped: after uvicorn handled the data, the peer's state says which
+  deadline applies (``IDLE``: headers, ``SEND_BODY``: body, else none).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import logging
 log = logging.getLogger("services.frontends")
 
 WRITTEN_FOR = "0.55.0"
-_TIMER = "_services_header_timer"  # the instance attribute holding the armed timer
+_DEADLINE = "_services_deadline"  # the instance attribute: (what is awaited, loop time it is due by) or None
 _MARK = "_services_http_guard"  # set on each wrapper: makes a second install a no-op
-_limits = {"max_connections": 1024, "header_timeout_s": 10.0}
+_limits = {"max_connections": 1024, "header_timeout_s": 10.0, "body_timeout_s": 30.0}
 _installed = False
+_SWEPT = "_services_swept"  # set on uvicorn's per-server state once its sweep runs
 
 
 def guard_installed() -> bool:
@@ -49,31 +52,59 @@ def _refuse(transport, status: bytes, error: str) -> None:
     transport.close()
 
 
-def _disarm(protocol) -> None:
-    timer = getattr(protocol, _TIMER, None)
-    if timer is not None:
-        timer.cancel()
-        setattr(protocol, _TIMER, None)
+def _await(protocol, what: str, move: bool = False) -> None:
+    """From now on the connection awaits ``what`` (headers or body); a running deadline for the
+    same thing is kept unless ``move``."""
+    current = getattr(protocol, _DEADLINE, None)
+    if current is not None and current[0] == what and not move:
+        return
+    setattr(protocol, _DEADLINE, (what, protocol.loop.time() + _limits[f"{what}_timeout_s"]))
 
 
-def _arm(protocol) -> None:
-    if getattr(protocol, _TIMER, None) is None:
-        setattr(protocol, _TIMER, protocol.loop.call_later(_limits["header_timeout_s"], _expired, protocol))
+def _done(protocol) -> None:
+    setattr(protocol, _DEADLINE, None)
 
 
-def _expired(protocol) -> None:
-    setattr(protocol, _TIMER, None)
+def _sweep_interval() -> float:
+    return min(1.0, _limits["header_timeout_s"] / 4, _limits["body_timeout_s"] / 4)
+
+
+def _watch(protocol) -> None:
+    """One sweep per uvicorn server (one per worker), started with its first connection."""
+    state = protocol.server_state
+    if not getattr(state, _SWEPT, False):
+        setattr(state, _SWEPT, True)
+        protocol.loop.call_later(_sweep_interval(), _sweep, protocol.loop, protocol.connections)
+
+
+def _sweep(loop, connections) -> None:
+    now = loop.time()
+    for protocol in list(connections):
+        deadline = getattr(protocol, _DEADLINE, None)
+        if deadline is not None and now > deadline[1]:
+            _expired(protocol, deadline[0])
+    loop.call_later(_sweep_interval(), _sweep, loop, connections)
+
+
+def _expired(protocol, what: str) -> None:
+    _done(protocol)
     transport = protocol.transport
     if transport is None or transport.is_closing():
         return
     cycle = getattr(protocol, "cycle", None)
-    if cycle is not None and not cycle.response_complete:
+    if cycle is not None and getattr(cycle, "response_started", False) and not cycle.response_complete:
         # A pipelined request is slow while an answer is being written: no 408 into the middle of
         # it; uvicorn's own shutdown closes the connection once that answer is complete.
         protocol.shutdown()
         return
-    timeout = _limits["header_timeout_s"]
-    _refuse(transport, b"408 Request Timeout", f"request headers not received within {timeout:g} s")
+    if cycle is not None and not cycle.response_complete:
+        cycle.disconnected = True  # the application reading the body is told the client is gone
+        message_event = getattr(cycle, "message_event", None)
+        if message_event is not None:
+            message_event.set()
+    timeout = _limits[f"{what}_timeout_s"]
+    _refuse(transport, b"408 Request Timeout",
+            f"request {'headers' if what == 'header' else what} not received within {timeout:g} s")
 
 
 def _wrap(cls, name: str, make):
@@ -94,13 +125,14 @@ def _connection_made(original):
             _refuse(transport, b"503 Service Unavailable",
                     f"server: too many open connections (limit {limit}); retry later")
         else:
-            _arm(self)
+            _await(self, "header")
+            _watch(self)
     return connection_made
 
 
 def _connection_lost(original):
     def connection_lost(self, exc) -> None:
-        _disarm(self)
+        _done(self)
         original(self, exc)
     return connection_lost
 
@@ -120,10 +152,15 @@ def _h11_data_received(original):
 
     def data_received(self, data: bytes) -> None:
         original(self, data)
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            _arm(self)  # a request has begun and its headers are not complete yet
+        state = self.conn.their_state
+        if self.transport.is_closing():
+            _done(self)
+        elif state is h11.IDLE:
+            _await(self, "header")  # a request has begun and its headers are not complete yet
+        elif state is h11.SEND_BODY:
+            _await(self, "body")
         else:
-            _disarm(self)
+            _done(self)
     return data_received
 
 
@@ -135,8 +172,9 @@ def _targets() -> list[tuple[type, dict]] | None:
         log.warning("HTTP guard not installed: uvicorn's httptools protocol is not importable (%s)", exc)
         return None
     common = {"connection_made": _connection_made, "connection_lost": _connection_lost}
-    targets = [(HttpToolsProtocol, {**common, "on_message_begin": _before(_arm),
-                                    "on_headers_complete": _before(_disarm)})]
+    targets = [(HttpToolsProtocol, {**common, "on_message_begin": _before(lambda p: _await(p, "header")),
+                                    "on_headers_complete": _before(lambda p: _await(p, "body")),
+                                    "on_message_complete": _before(_done)})]
     try:
         import h11
         from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -150,6 +188,8 @@ def _targets() -> list[tuple[type, dict]] | None:
             return None
     for cls, wrappers in targets:
         missing = [name for name in [*wrappers, "shutdown"] if not callable(getattr(cls, name, None))]
+        if not missing and "server_state" not in cls.__init__.__code__.co_varnames:
+            missing = ["server_state"]
         if missing:
             log.warning("HTTP guard not installed: uvicorn %s's %s has no %s (written for uvicorn %s)",
                         _uvicorn_version(), cls.__name__, ", ".join(missing), WRITTEN_FOR)
@@ -163,14 +203,16 @@ def _uvicorn_version() -> str:
     return getattr(uvicorn, "__version__", "?")
 
 
-def install_http_guard(max_connections: int, header_timeout_s: float) -> bool:
+def install_http_guard(max_connections: int, header_timeout_s: float, body_timeout_s: float = 30.0) -> bool:
     """Guard uvicorn's HTTP connections (see the module docstring); True when installed.
 
     Call it before uvicorn accepts connections; calling it again only updates the limits."""
     global _installed
-    if max_connections < 1 or header_timeout_s <= 0:
-        raise ValueError(f"max_connections {max_connections} and header_timeout_s {header_timeout_s} must be > 0")
-    _limits.update(max_connections=int(max_connections), header_timeout_s=float(header_timeout_s))
+    if max_connections < 1 or header_timeout_s <= 0 or body_timeout_s <= 0:
+        raise ValueError(f"max_connections {max_connections}, header_timeout_s {header_timeout_s} and "
+                         f"body_timeout_s {body_timeout_s} must be > 0")
+    _limits.update(max_connections=int(max_connections), header_timeout_s=float(header_timeout_s),
+                   body_timeout_s=float(body_timeout_s))
     if _installed:
         return True
     targets = _targets()
@@ -182,6 +224,6 @@ def install_http_guard(max_connections: int, header_timeout_s: float) -> bool:
         for name, make in wrappers.items():
             _wrap(cls, name, make)
     _installed = True
-    log.info("HTTP guard: at most %d connections per worker, request headers within %g s",
-             max_connections, header_timeout_s)
+    log.info("HTTP guard: at most %d connections per worker, request headers within %g s, bodies within %g s",
+             max_connections, header_timeout_s, body_timeout_s)
     return True

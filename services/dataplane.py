@@ -139,6 +139,15 @@ class DataPlane:
         return max((self.tensor_body_limit(name, True, 1 << 20) for name, _ in self._served_contracts()),
                    default=4 * 1024 * 1024)
 
+    def runs_long(self, model: str | None) -> bool:
+        """Whether a request for ``model`` may run long enough to be worth cancelling when its client
+        leaves (text generation, native-size images); False for a model this server does not serve
+        (the request is refused anyway)."""
+        try:
+            return self.handler(self._routed_contract(model, None).family).runs_long
+        except ServingError:
+            return False
+
     def check_declared(self, model: str, version: str | None, declared: Iterable[tuple[str, Any, Any]]) -> None:
         """Each (name, datatype, shape) a request declares, against the model's contract, before
         any tensor data is decoded."""

@@ -9,6 +9,7 @@ Every limit of the contract is checked here, once, for both kinds and so for eve
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
@@ -87,10 +88,14 @@ class TaskHandler:
     the batch limit, then the task's own limits (``check_values``)."""
 
     task = ""
+    runs_long = False  # a request may take seconds: cancelled when its client leaves
 
     def __init__(self, budget: MemoryBudget | None = None, config: ServingConfig | None = None):
         self.budget = budget or MemoryBudget(None)  # the worker's memory for requests in flight
         self.config = config or ServingConfig()
+        # contract -> {input name: (its spec or extra tensor, its element limit)}: check_declared
+        # runs on every tensor request; the contract is held, so its id() is not reused.
+        self._declared: dict[int, tuple[ModelContract, dict[str, tuple[Any, int | None]]]] = {}
 
     def tensor_cost(self, contract: ModelContract, feeds: Tensors) -> int:
         """What running these tensors holds: the inputs and outputs' own bytes are small next to the
@@ -125,17 +130,21 @@ class TaskHandler:
         """A tensor's name, datatype and declared shape against the contract, before its data is
         decoded: an unknown input, a wrong datatype or rank, or more elements than the model can
         take is refused without reading a byte of it."""
-        specs = {t.name: t for t in contract.inputs}
-        extra = {t["name"]: t for t in self.extra_tensors(contract)[0]}
-        if name in extra:
-            if datatype != extra[name]["datatype"]:
-                raise bad_request(name, f"datatype {datatype!r} given, {extra[name]['datatype']} expected")
+        cached = self._declared.get(id(contract))
+        if cached is None or cached[0] is not contract:
+            inputs = {t.name: (t, self.max_elements(contract, t)) for t in contract.inputs}
+            inputs.update((t["name"], (t, None)) for t in self.extra_tensors(contract)[0])
+            cached = self._declared[id(contract)] = (contract, inputs)
+        known = cached[1].get(name)
+        if known is None:
+            raise bad_request(name, f"unknown input tensor; {contract.name} takes {list(cached[1])}")
+        spec, limit = known
+        if isinstance(spec, dict):  # a task's extra tensor (text in): one element
+            if datatype != spec["datatype"]:
+                raise bad_request(name, f"datatype {datatype!r} given, {spec['datatype']} expected")
             if not isinstance(shape, (list, tuple)) or len(shape) > 2 or any(d != 1 for d in shape):
                 raise bad_request(name, f"shape {shape!r} given, [1] or [1, 1] expected")
             return
-        spec = specs.get(name)
-        if spec is None:
-            raise bad_request(name, f"unknown input tensor; {contract.name} takes {[*specs, *extra]}")
         if datatype != spec.oip_datatype:
             raise bad_request(name, f"datatype {datatype!r} given, {spec.oip_datatype} expected")
         if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
@@ -143,8 +152,7 @@ class TaskHandler:
             raise bad_request(name, f"shape must be a list of non-negative integers, got {shape!r}")
         if not shape_matches(spec, tuple(shape)):
             raise bad_request(name, f"shape {list(shape)} does not match {spec.shape} ({', '.join(spec.axis_names)})")
-        count = int(np.prod(shape, dtype=object))  # Python integers: no overflow for hostile shapes
-        limit = self.max_elements(contract, spec)
+        count = math.prod(shape)  # Python integers: no overflow for hostile shapes
         if limit is not None and count > limit:
             raise too_large(name, f"shape {list(shape)} holds {count} elements; {contract.name} takes at most {limit}")
 
@@ -290,6 +298,7 @@ def _mask_png(mask: np.ndarray, size: tuple[int, int]) -> bytes:
 
 class Denoising(TaskHandler):
     task = "denoise"
+    runs_long = True  # native size: a large photo is seconds of CPU
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
         noisy, level = contract.inputs[0].name, contract.inputs[1].name
@@ -451,6 +460,7 @@ class TextGeneration(TaskHandler):
     Inference Protocol (through the batcher, like any model)."""
 
     task = "generate"
+    runs_long = True
 
     def sampling(self, handle: ModelHandle, values: Mapping[str, Any]) -> SamplingParams:
         return parse_sampling(values, handle.contract.limits["max_new_tokens"])

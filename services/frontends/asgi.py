@@ -33,7 +33,10 @@ def parse_json(body: bytes | memoryview, field: str = "body") -> Any:
     """JSON with its hostile cases as 400s naming them: nesting deeper than the parser's recursion
     allows, integers longer than Python converts (4,300 digits), NaN/Infinity (not JSON)."""
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        if not isinstance(body, str):  # as json.loads decodes bytes
+            raw = body if isinstance(body, bytes) else bytes(body)
+            body = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        return _DECODER.decode(body)
     except RecursionError:
         raise bad_request(field, "JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and the integer digit limit
@@ -42,6 +45,9 @@ def parse_json(body: bytes | memoryview, field: str = "body") -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)  # one, not one per call as json.loads(..., parse_constant=)
 
 
 class Request:
@@ -217,7 +223,8 @@ class Endpoint:
 
     def __init__(self, frontend: "HttpFrontend", handler: Handler, methods: tuple[str, ...], protocol: str,
                  model: str | None, errors: Callable[[ServingError], Any] | None = None, public: bool = False,
-                 admits: bool = False, body: str = "json", control: bool = False, cancel_on_disconnect: bool = False):
+                 admits: bool = False, body: str = "json", control: bool = False,
+                 cancel_on_disconnect: bool | Callable[[Any, str | None], bool] = False):
         self.frontend = frontend
         self.public = public  # answered without the API key (health, metrics)
         self.admits = admits  # runs the model: refused at once, body unread, while the model cannot take more
@@ -225,7 +232,9 @@ class Endpoint:
         # json and none limits are the settings'; the others depend on the model, known per request
         self.fixed_body_limit = frontend.body_limit(body, None, None) if body in ("json", "none") else None
         self.control = control  # model control: off unless enabled, then the admin key instead of the API key
-        self.cancel_on_disconnect = cancel_on_disconnect  # a non-streamed generation stops when its client leaves
+        # A non-streamed generation stops when its client leaves. Watching costs two tasks per request,
+        # so a route serving fast models too passes a predicate of (plane, model) instead of True.
+        self.cancel_on_disconnect = cancel_on_disconnect
         self.handler = handler
         self.methods = methods
         self.protocol = protocol
@@ -255,7 +264,8 @@ class Endpoint:
                     refusal = frontend.plane.admission_error(self._model_label(scope))
                     if refusal is not None:
                         raise refusal
-                if self.cancel_on_disconnect:
+                watch = self.cancel_on_disconnect
+                if watch is True or (watch and watch(frontend.plane, self._model_label(scope))):
                     response = await self._unless_disconnected(request)
                 else:
                     response = await self.handler(request)
@@ -367,7 +377,7 @@ class HttpFrontend(Starlette):
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
               model: str | None = None, errors: Callable[[ServingError], Any] | None = None,
               public: bool = False, admits: bool = False, body: str = "json", control: bool = False,
-              cancel_on_disconnect: bool = False) -> None:
+              cancel_on_disconnect: bool | Callable[[Any, str | None], bool] = False) -> None:
         """``admits``: the route runs ``model``, so admission control may refuse it before its body is
         read. ``body``: what its body holds (json, image, tensors, none), which sets its limit."""
         endpoint = Endpoint(self, handler, methods, protocol, model, errors, public, admits, body, control,

@@ -188,7 +188,7 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
         app.route(prefix, model_metadata, get, "oip_rest", ":model", body="none")
         app.route(prefix + "/ready", model_ready, get, "oip_rest", ":model", body="none")
         app.route(prefix + "/infer", infer, ("POST",), "oip_rest", ":model", admits=True, body="tensors",
-                  cancel_on_disconnect=True)
+                  cancel_on_disconnect=lambda plane, model: plane.runs_long(model))
 
 
 async def control_body(request: Request) -> dict:

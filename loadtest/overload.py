@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loadtest.bench_serving import parse_wrk
 from loadtest.payloads import digit_png
-from loadtest.servers import suite_to_drive
+from loadtest.servers import REPO, suite_to_drive
 
 COUNTING_LUA = """
 wrk.method = "POST"
@@ -118,19 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="a running suite (default: start one on free ports)")
     parser.add_argument("--probe-port", type=int, default=3001)
     parser.add_argument("--factor", type=float, default=4.0)
+    parser.add_argument("--connections", type=int, help="overload at this many connections instead of --factor "
+                                                          "times the saturating concurrency")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--suite-dir", type=Path, default=REPO, help="checkout whose service to start (no --url)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         parser.error("needs wrk (Debian: apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="suite-overload-"))
-    with suite_to_drive(args.url, workdir / "serve.log", probe_port=args.probe_port) as suite:
+    with suite_to_drive(args.url, workdir / "serve.log", probe_port=args.probe_port, cwd=args.suite_dir) as suite:
         url, probe_port = suite.url, suite.probe_port
         host, port = url.removeprefix("http://").split(":")
         wrk_classify(url, 16, 3, workdir)  # warm-up
         sweep = [wrk_classify(url, c, 10, workdir) for c in (4, 8, 16, 32)]
         peak = max(r["goodput"] for r in sweep)
         saturating = min(r["connections"] for r in sweep if r["goodput"] >= 0.95 * peak)
-        overload_connections = int(args.factor * saturating)
+        overload_connections = args.connections or int(args.factor * saturating)
         samplers = {"/readyz (main port)": Sampler(host, int(port), "/readyz"),
                     "/readyz (probe port)": Sampler(host, probe_port, "/readyz"),
                     "/classify sampled": Sampler(host, int(port), "/classify", digit_png()[0], 0.02, False)}
@@ -143,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         f"c={r['connections']} {r['goodput']:.0f}/s (p99 {r['p99_ms']:.0f} ms)" for r in sweep))
     print(f"peak goodput {peak:.0f}/s; saturating concurrency {saturating} connections")
     total = overload["ok"] + overload["refused"] + overload["other"]
-    print(f"overload: {overload_connections} connections ({args.factor:g}x) for {args.seconds:g} s: goodput "
+    times = overload_connections / saturating
+    print(f"overload: {overload_connections} connections ({times:g}x) for {args.seconds:g} s: goodput "
           f"{overload['goodput']:.0f}/s = {overload['goodput'] / peak:.0%} of the peak; 503 share "
           f"{overload['refused'] / max(1, total):.1%}; other non-2xx {overload['other']}; wrk latency (all answers) "
           f"p50 {overload['p50_ms']:.0f} ms, p99 {overload['p99_ms']:.0f} ms")
     for name, sampler in samplers.items():
         print(describe(name, sampler))
-    ready_p99 = percentile(samplers["/readyz (probe port)"].latencies.get(200, []), 0.99)
+    ready = samplers["/readyz (probe port)"].latencies.get(200, [])
+    ready_p95, ready_p99 = percentile(ready, 0.95), percentile(ready, 0.99)
     good = overload["goodput"] >= 0.9 * peak and ready_p99 < 50
+    print(f"probe-port /readyz p95 {ready_p95:.1f} ms, p99 {ready_p99:.1f} ms")
     print(f"goals: goodput >= 90 % of peak and probe-port /readyz p99 < 50 ms: {'met' if good else 'MISSED'}")
     return 0 if good else 1
 

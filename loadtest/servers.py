@@ -96,12 +96,14 @@ class RunningSuite:
 
 
 @contextlib.contextmanager
-def suite_to_drive(url: str | None, log_path: Path, grpc_port: int | None = None, probe_port: int | None = None):
-    """The running suite at ``url`` (left running), or one started on free ports and stopped after."""
+def suite_to_drive(url: str | None, log_path: Path, grpc_port: int | None = None, probe_port: int | None = None,
+                   cwd: Path = REPO):
+    """The running suite at ``url`` (left running), or the one in ``cwd`` started on free ports and
+    stopped after."""
     if url:
         yield RunningSuite(url.rstrip("/"), grpc_port, probe_port)
         return
-    server = start_suite({}, log_path)
+    server = start_suite({}, log_path, cwd=cwd)
     try:
         yield server
     finally:

@@ -365,11 +365,16 @@ def test_sigterm_drains_requests_in_flight(faulty):
     threads = [threading.Thread(target=one) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.4)  # every request accepted and queued or running
+    time.sleep(0.4)  # every request admitted (queued or running) or refused on arrival
     signalled = time.monotonic()
     os.kill(faulty.process.pid, signal.SIGTERM)  # what Kubernetes does: the main process only
     for t in threads:
         t.join(60)
     faulty.process.wait(timeout=45)  # BentoML's arbiter kills what is left after 30 s
-    assert [s for s, _ in finished] == [200] * 4, finished
-    assert max(t for _, t in finished) > signalled  # they were still running when the signal came
+    # A 1024x1024 image is 4 tiles, and this server's denoise queue holds 4, so a request arriving
+    # while another's tiles are queued may be refused on arrival (503, before the signal): that is
+    # admission, not the drain. Every request still in flight when the signal came is answered.
+    assert len(finished) == 4 and {s for s, _ in finished} <= {200, 503}, finished
+    assert all(s == 200 for s, t in finished if t > signalled), finished
+    assert all(t < signalled for s, t in finished if s == 503), finished
+    assert any(t > signalled for _, t in finished), finished  # some were still running when it came

@@ -40,6 +40,12 @@ CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTIC
          413: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL,
          503: grpc.StatusCode.UNAVAILABLE}
 
+
+def grpc_status(exc: ServingError) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and details a refusal is answered with."""
+    return CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc)
+
+
 # Typed ``InferTensorContents`` field per datatype (FP16 has none: raw only).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -154,7 +160,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: ServingError):
-        await context.abort(CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+        await context.abort(*grpc_status(exc))
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -217,7 +223,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = infer_response(request, result)
         except ServingError as exc:
             status = exc.status
-            refusal = (CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            refusal = grpc_status(exc)
         except Exception:
             status = 500
             log.exception("Open Inference Protocol gRPC ModelInfer failed")

@@ -51,22 +51,36 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """How an uploaded picture becomes the model's input tensor."""
+    """How an uploaded picture becomes the model's input tensor: the steps of the model's own image
+    processor, so serving cannot drift from training (or, for an imported model, from the
+    preprocessing its authors ship in ``preprocessor_config.json``)."""
 
     height: int  # size the service resizes to (training size); 0 = keep the upload's size
     width: int
     channels: int  # 1 = grayscale, 3 = RGB
-    mean: float = 0.0  # applied after scaling pixels to [0, 1]
-    std: float = 1.0
-    foreground: str = "light"  # "light": strokes brighter than background (digits, MNIST)
+    mean: float | list[float] = 0.0  # applied after rescaling; one value, or one per channel
+    std: float | list[float] = 1.0
+    foreground: str = "light"  # "light": strokes brighter than background (digits, MNIST); "any": never flipped
     multiple_of: int = 1  # spatial sizes the network accepts (U-Net pooling)
+    resize: str = "exact"  # "exact": to height x width; "shortest_edge": the short side to resize_to, then the
+    #   centre height x width crop; "none": the upload's size
+    resize_to: int = 0  # the short side's length before the crop ("shortest_edge")
+    resample: str = "bilinear"  # nearest | bilinear | bicubic | lanczos (Pillow's filters)
+    rescale: float = 1 / 255  # pixel values (0-255) times this, before mean/std
+    layout: str = "NCHW"  # or "NHWC"
+    dtype: str = "float32"  # the input tensor's; "uint8": the pixels as they are (no rescale, no mean/std)
+    pad_to: int = 0  # pad bottom and right (mirrored) to the next multiple of this above each side (Swin2SR's
+    #   processor: a side that already is a multiple still gains pad_to); the padding is cropped off the answer
+    shrink_early: bool = True  # shrink a large upload right after decoding (bounded memory); False where the
+    #   preprocessing must see every decoded pixel to match the model's own image processor exactly
 
 
 @dataclass(frozen=True)
 class ModelContract:
     name: str  # model name in the BentoML store and on every protocol
-    family: str  # classify | segment | generate | denoise | sample
-    task: str
+    family: str  # what produced it: a training family (classify, segment, ...) or an import (onnx, torch, huggingface)
+    task: str  # what it serves: image-classification, semantic-segmentation, text-generation, image-denoising,
+    #   image-generation, image-to-image, tensor (services/tasks registers one handler per task)
     architecture: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

@@ -75,13 +75,19 @@ def measure_here(onnx_path: Path, contract: ModelContract) -> dict[str, int]:
     options.intra_op_num_threads = 1
     options.enable_cpu_mem_arena = False  # as serving runs it (services/runtime.py)
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    sizes = [(1, side) for side in SIDES] if unit == "pixel" else [(rows, 1) for rows in ROWS]
+    # Within the model's own limits: an imported ResNet-50 at 256 rows would need gigabytes.
+    top_rows = contract.max_batch or ROWS[1]
+    rows_at = (max(1, min(ROWS[0], top_rows // 4)), min(ROWS[1], top_rows))
+    top_side = int(math.sqrt(contract.limits.get("max_pixels", SIDES[1] ** 2)))
+    step = max(8, contract.image.multiple_of if contract.image else 1)  # sides the network accepts
+    sides_at = tuple(max(step, side - side % step) for side in (min(SIDES[0], top_side // 3), min(SIDES[1], top_side)))
+    sizes = [(1, side) for side in sides_at] if unit == "pixel" else [(rows, 1) for rows in rows_at]
     peaks = []
     for rows, side in sizes:
         session.run(None, feeds_for(contract, rows, side))  # once, so lazily built kernels are not counted
         peaks.append(peak_above_rest(lambda: session.run(None, feeds_for(contract, rows, side))))
     units = [side * side if unit == "pixel" else rows for rows, side in sizes]
-    slope = max(0.0, (peaks[1] - peaks[0]) / (units[1] - units[0]))
+    slope = max(0.0, (peaks[1] - peaks[0]) / (units[1] - units[0]) if units[1] > units[0] else peaks[1] / units[1])
     return {f"peak_bytes_per_{unit}": int(math.ceil(slope))}
 
 

@@ -18,7 +18,7 @@ import torch
 
 from contract import CONTRACT_KEY, ONNX_FILE, ModelContract
 from training.artifacts import atomic_write, family_dir, git_revision
-from training.family import Family
+from training.family import ExportSpec, Family
 from export.memory import measure as measure_memory
 from training.loop import load_checkpoint
 
@@ -80,11 +80,22 @@ def export_onnx(family: Family, ckpt_dir: Path | None = None, tolerance: float =
     spec = family.export_spec(model, cfg, checkpoint)
     # A benchmark model keeps its own name (generate-shakespeare) beside the family's default one.
     contract = dataclasses.replace(family.contract(cfg, checkpoint, ckpt_dir), name=checkpoint.get("name", family.name))
-    if [t.name for t in contract.inputs] != spec.input_names or [t.name for t in contract.outputs] != spec.output_names:
-        raise ValueError(f"{family.name}: contract tensor names differ from the exported graph's")
-
-    out_path = ckpt_dir / ONNX_FILE
+    meta = {"family": family.name, "metrics": json.dumps(checkpoint["metrics"])}
     started = time.monotonic()
+    contract, diff = export_module(spec, contract, meta, ckpt_dir / ONNX_FILE, tolerance)
+    log.info("%s: exported %s in %.1fs, parity max abs diff %.2e", family.name, ckpt_dir / ONNX_FILE,
+             time.monotonic() - started, diff)
+    return ExportResult(family.name, ckpt_dir / ONNX_FILE, contract, diff, checkpoint)
+
+
+def export_module(spec: ExportSpec, contract: ModelContract, meta: dict[str, str], out_path: Path,
+                  tolerance: float = PARITY_TOLERANCE) -> tuple[ModelContract, float]:
+    """The one export routine: a torch module (``spec``) to single-file ONNX through torch.export,
+    ``onnx.checker``, the contract in ``metadata_props``, ONNX Runtime against PyTorch on the
+    spec's held-out inputs, the graph's memory per unit measured; written atomically, and not at
+    all when parity fails. -> (the contract as stored, parity max abs diff)."""
+    if [t.name for t in contract.inputs] != spec.input_names or [t.name for t in contract.outputs] != spec.output_names:
+        raise ValueError(f"{contract.name}: contract tensor names differ from the exported graph's")
 
     def write(tmp: Path) -> None:
         program = torch.onnx.export(spec.module.eval(), spec.example_inputs, input_names=spec.input_names,
@@ -92,33 +103,39 @@ def export_onnx(family: Family, ckpt_dir: Path | None = None, tolerance: float =
                                     dynamo=True, external_data=False, optimize=True, verbose=False)
         proto = program.model_proto
         onnx.checker.check_model(proto, full_check=True)
+        done[:] = finish_artifact(proto, contract, meta, tmp, lambda session: parity(
+            session, spec.module, spec.parity_inputs, spec.input_names, spec.reference_checks), tolerance)
 
-        def save(contract: ModelContract) -> None:
-            meta = {CONTRACT_KEY: contract.to_json(), "family": family.name,
-                    "metrics": json.dumps(checkpoint["metrics"]), "git_revision": git_revision()}
-            del proto.metadata_props[:]
-            for key, value in meta.items():
-                proto.metadata_props.add(key=key, value=value)
-            onnx.save_model(proto, str(tmp), save_as_external_data=False)
-
-        save(result.contract)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        diff = parity(session, spec.module, spec.parity_inputs, spec.input_names, spec.reference_checks)
-        result.parity_max_abs_diff = diff
-        if diff > tolerance:
-            raise ParityError(f"{family.name}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}; "
-                              "nothing was written")
-        # What the graph holds per pixel or row, for serving's memory budget (export/memory.py).
-        memory = measure_memory(tmp)
-        if memory:
-            result.contract = dataclasses.replace(result.contract, limits={**result.contract.limits, **memory})
-            save(result.contract)
-
-    result = ExportResult(family.name, out_path, contract, float("nan"), checkpoint)
+    done: list = []
     atomic_write(out_path, write)
-    log.info("%s: exported %s in %.1fs, parity max abs diff %.2e", family.name, out_path,
-             time.monotonic() - started, result.parity_max_abs_diff)
-    return result
+    return done[0], done[1]
+
+
+def finish_artifact(proto: onnx.ModelProto, contract: ModelContract, meta: dict[str, str], tmp: Path,
+                    check, tolerance: float) -> tuple[ModelContract, float]:
+    """Writes ``proto`` to ``tmp`` with the contract in its metadata, runs ``check(session)`` (the
+    parity figure) on what was written, refuses it past ``tolerance``, then measures the graph's
+    memory per pixel or row for serving's budget (export/memory.py) and stores that in the contract."""
+
+    def save(contract: ModelContract) -> None:
+        props = {CONTRACT_KEY: contract.to_json(), "git_revision": git_revision(), **meta}
+        del proto.metadata_props[:]
+        for key, value in props.items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+
+    save(contract)
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    diff = check(session)
+    del session
+    if diff > tolerance:
+        raise ParityError(f"{contract.name}: ONNX Runtime differs from the source by {diff:.3g} > {tolerance:g}; "
+                          "nothing was written")
+    memory = measure_memory(tmp)
+    if memory:
+        contract = dataclasses.replace(contract, limits={**contract.limits, **memory})
+        save(contract)
+    return contract, diff
 
 
 def store_metadata(family: Family, ckpt: dict, contract: ModelContract, parity_max_abs_diff: float | None) -> dict:
@@ -156,12 +173,19 @@ def save_to_store(result: ExportResult, family: Family, ckpt_dir: Path | None = 
 
 def store_files(name: str, family: Family, metadata: dict, onnx_path: Path, ckpt_dir: Path, **labels: str) -> str:
     """A new store version of ``name``: the ONNX file as model.onnx and the family's extra files."""
+    return store_model(name, {"family": family.name, "task": family.task, **labels}, metadata, onnx_path,
+                       [ckpt_dir / extra for extra in family.extra_files()])
+
+
+def store_model(name: str, labels: dict[str, str], metadata: dict, onnx_path: Path, extra_files: list[Path] = ()) -> str:
+    """A new version of ``name`` in the BentoML store (``onnx_path`` as model.onnx, the extra files
+    beside it); -> its tag. The store writes into a temporary folder and commits it whole, so a
+    failure leaves nothing behind."""
     import bentoml
 
     # The context manager only commits the model to the store if the block finishes.
-    with bentoml.models.create(name, labels={"family": family.name, "task": family.task, **labels},
-                               metadata=metadata) as stored:
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as stored:
         shutil.copy2(onnx_path, stored.path_of(ONNX_FILE))
-        for extra in family.extra_files():
-            shutil.copy2(ckpt_dir / extra, stored.path_of(extra))
+        for extra in extra_files:
+            shutil.copy2(extra, stored.path_of(extra.name))
     return str(stored.tag)

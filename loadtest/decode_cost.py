@@ -30,7 +30,7 @@ def main() -> None:
     from export.memory import peak_above_rest
     from services.budget import give_back_memory, tune_allocator
     from services.imaging import load_image, open_image, to_model_input
-    from services.tasks import _denoised_png, _planes
+    from services.tasks.denoise import _denoised_png, _planes
 
     from contract import ImageSpec
 

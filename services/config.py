@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-FAMILIES = ("classify", "segment", "generate", "denoise", "sample")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # a BentoML model name
 
 
@@ -54,8 +53,11 @@ def cgroup_cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    models: tuple[str, ...] = ()  # served model names (store names); empty = the five defaults (named after their
-    #   family) plus every other model in the store of a known family (the benchmark models), found at start-up
+    models: tuple[str, ...] = ()  # served model names (store names); empty = each task's default model (classify,
+    #   segment, generate, denoise, sample) plus every other model in the store of a registered task (the benchmark
+    #   models, imported models), found at start-up and, later, by model control and repository_poll_s
+    default_models: bool = True  # serve each task's default model (classify, segment, ...) even before the store has
+    #   it (readiness waits for it); false: serve what the store holds (a pod serving only its users' own models)
     workers: int = 0  # HTTP/gRPC worker processes; 0 = one per available core
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = available cores / workers
     inter_op_threads: int = 1

@@ -12,11 +12,10 @@ import numpy as np
 
 from services.budget import MemoryBudget
 from services.errors import ServingError, bad_request, unavailable
+from contract import ModelContract
 from services.repository import ModelHandle, ModelRepository, WantedState
-from services.tasks import (HANDLERS, Denoising, ImageClassification, ImageGeneration, Segmentation, TaskHandler,
-                            TextGeneration)
-from services.textengine import Sequence
-from services.textgen import Chunk, Completion
+from services.tasks import task_classes
+from services.tasks.base import NativeRoute, TaskHandler
 
 SERVER_NAME = "model-suite"
 PLATFORM = "onnxruntime_onnx"
@@ -33,28 +32,6 @@ class InferResult:
     final: bool = True  # the last result of its request (decoupled inference sends several)
 
 
-@dataclass
-class ImageResult:
-    model: str  # name:version of the handle that ran
-    png: bytes
-    seed: int | None = None
-
-
-class TextStream:
-    """One generation: the model version that runs it, its seed, and its chunks as they come
-    (leaving the iteration early frees its row in the engine)."""
-
-    def __init__(self, model: str, seed: int, sequence: Sequence):
-        self.model, self.seed = model, seed
-        self._sequence = sequence
-
-    def chunks(self) -> AsyncIterator[Chunk]:
-        return self._sequence.chunks()
-
-    async def complete(self) -> Completion:
-        return await self._sequence.complete()
-
-
 class DataPlane:
     def __init__(self, repository: ModelRepository, server_version: str = "", control: Any = None,
                  budget: MemoryBudget | None = None):
@@ -63,8 +40,8 @@ class DataPlane:
         self.control = control  # model control across workers (services.control.ModelControl); None: this process
         self.budget = budget or MemoryBudget(None)  # this worker's memory for requests in flight
         self._readiness: dict[str, Callable[[], str | None]] = {}
-        self._handlers: dict[str, TaskHandler] = {family: kind(self.budget, repository.config)
-                                                  for family, kind in HANDLERS.items()}
+        self._handlers: dict[str, TaskHandler] = {task: kind(self.budget, repository.config)
+                                                  for task, kind in task_classes().items()}
         self._variant_table: dict[str, dict[str, tuple[str, float]]] | None = None
         self._body_limits: dict[Any, int] = {}  # by task (image routes), by (model, binary, json limit) (OIP)
         self._cuda: bool | None = None  # whether sessions run on CUDA (decides the auto variant)
@@ -116,11 +93,11 @@ class DataPlane:
                     continue
 
     def image_body_limit(self, task: str | None) -> int:
-        """The largest upload an image route takes: 4 bytes per pixel (RGBA) at the largest pixel
-        limit among the served models of its task."""
+        """The largest upload an image route of ``task`` takes: the largest its served models take."""
         if task not in self._body_limits:
-            self._body_limits[task] = 4 * max((c.limits.get("max_pixels", 0) for _, c in self._served_contracts()
-                                               if c.family == task), default=0)
+            handler = self._handlers.get(task or "")
+            self._body_limits[task] = max((handler.upload_limit(c) for _, c in self._served_contracts()
+                                           if handler is not None and c.task == task), default=0)
         return self._body_limits[task]
 
     def tensor_body_limit(self, model: str | None, binary: bool, json_limit: int) -> int:
@@ -130,7 +107,7 @@ class DataPlane:
         if key not in self._body_limits:
             name, _, version = (model or "").partition(":")
             contract = self._routed_contract(name, version or None)
-            limit = self.handler(contract.family).body_limit(contract, binary, json_limit)
+            limit = self.handler(contract).body_limit(contract, binary, json_limit)
             self._body_limits[key] = limit if limit is not None else 1 << 62  # the global ceiling applies
         return self._body_limits[key]
 
@@ -144,7 +121,7 @@ class DataPlane:
         leaves (text generation, native-size images); False for a model this server does not serve
         (the request is refused anyway)."""
         try:
-            return self.handler(self._routed_contract(model, None).family).runs_long
+            return self.handler(self._routed_contract(model, None)).runs_long
         except ServingError:
             return False
 
@@ -152,7 +129,7 @@ class DataPlane:
         """Each (name, datatype, shape) a request declares, against the model's contract, before
         any tensor data is decoded."""
         contract = self._routed_contract(model, version)
-        handler = self.handler(contract.family)
+        handler = self.handler(contract)
         seen = set()
         for name, datatype, shape in declared:
             if name in seen:
@@ -182,6 +159,8 @@ class DataPlane:
     async def _control(self, name: str, wanted: WantedState) -> dict:
         self._variant_table = None  # a new version may be (or stop being) a variant
         self._body_limits.clear()
+        if name not in self.repository.names:  # stored since start-up (an import): served from now on
+            self.repository.discover()
         self.repository.versions(name)  # 404 for a model this server does not serve
         if wanted.version:  # 404 for a version not in the store (apply re-reads it in every worker anyway)
             self.repository.refresh([name])
@@ -205,13 +184,14 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str | None = None) -> dict:
         contract = self.repository.contract(name, version)
-        extra_in, extra_out = self.handler(contract.family).extra_tensors(contract)
+        extra_in, extra_out = self.handler(contract).extra_tensors(contract)
         tensors = lambda specs: [{"name": t.name, "datatype": t.oip_datatype, "shape": list(t.shape)} for t in specs]  # noqa: E731
         return {"name": name, "versions": self.repository.versions(name), "platform": PLATFORM,
                 "inputs": tensors(contract.inputs) + extra_in, "outputs": tensors(contract.outputs) + extra_out,
                 # beyond the protocol's fields (REST only): which export variant this is, and which
                 # served model answers a request for it without a version
-                "variant": contract.extra.get("variant", "fp32"), "answered_by": self.route(name)}
+                "variant": contract.extra.get("variant", "fp32"), "answered_by": self.route(name),
+                "task": contract.task}
 
     def models(self) -> list[dict]:
         """Every served model: newest version, contract, training data and metrics, benchmark
@@ -225,7 +205,8 @@ class DataPlane:
             stored = self.repository.stored(name)
             contract = self.repository.contract(name)
             meta = stored.metadata
-            out.append({"name": name, "version": stored.version, "family": contract.family, "task": meta.get("task"),
+            out.append({"name": name, "version": stored.version, "task": contract.task, "family": contract.family,
+                        "source": meta.get("source", "training"),
                         "architecture": contract.architecture, "contract": json.loads(contract.to_json()),
                         "profile": meta.get("profile"), "data_description": meta.get("data_description"),
                         "metrics": meta.get("metrics"), "benchmark": meta.get("benchmark") or {},
@@ -242,7 +223,7 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, feeds: Tensors, parameters: Mapping[str, Any] | None = None,
                     requested: Iterable[str] | None = None) -> InferResult:
         handle = await self.repository.handle(name if version else self.route(name), version)
-        handler = self.handler(handle.contract.family)
+        handler = self.handler(handle.contract)
         result = await handler.infer_tensors(handle, feeds, parameters or {})
         outputs = result.outputs
         if requested is not None:
@@ -253,65 +234,56 @@ class DataPlane:
             outputs = {n: outputs[n] for n in requested}
         return InferResult(handle.name, handle.version, outputs, result.parameters)
 
-    # ---- the tasks (native API) --------------------------------------------------------------------
+    # ---- the tasks' native routes --------------------------------------------------------------------
 
-    async def classify(self, image: bytes, top_k: int = 5, model: str | None = None) -> dict:
-        handler, handle = await self._task(ImageClassification, model)
-        return await handler.classify(handle, image, top_k)
+    def task(self, task: str) -> TaskHandler:
+        return self._handlers[task]
 
-    async def segment(self, image: bytes, model: str | None = None) -> ImageResult:
-        handler, handle = await self._task(Segmentation, model)
-        return ImageResult(handle.tag, await handler.segment(handle, image))
+    def tasks(self) -> list[TaskHandler]:
+        return list(self._handlers.values())
 
-    async def denoise(self, image: bytes, sigma: float | None = None, model: str | None = None) -> ImageResult:
-        handler, handle = await self._task(Denoising, model)
-        return ImageResult(handle.tag, await handler.denoise(handle, image, sigma))
-
-    async def sample(self, n: int = 16, seed: int | None = None, class_id: int | None = None,
-                     model: str | None = None) -> ImageResult:
-        handler, handle = await self._task(ImageGeneration, model)
-        png, seed = await handler.sample(handle, n, seed, class_id)
-        return ImageResult(handle.tag, png, seed)
-
-    async def generate(self, prompt: str, sampling: Mapping[str, Any], model: str | None = None) -> dict:
-        (stream,) = await self.generate_streams([(prompt, sampling)], model)
-        done = await stream.complete()
-        return {"text": done.text, "finish_reason": done.finish_reason,
-                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
-                "seed": stream.seed, "model": stream.model}
-
-    async def generate_stream(self, prompt: str, sampling: Mapping[str, Any], model: str | None = None) -> TextStream:
-        """Checks the request and queues it before returning, so bad input or a full queue is an
-        error before any chunk goes out."""
-        (stream,) = await self.generate_streams([(prompt, sampling)], model)
-        return stream
-
-    async def generate_streams(self, requests: list[tuple[str, Mapping[str, Any]]],
-                               model: str | None = None) -> list[TextStream]:
-        """Several generations on one model (a list of prompts, several choices each), queued all
-        or none; each stream yields its own chunks."""
-        handler, handle = await self._task(TextGeneration, model)
-        params = [handler.sampling(handle, sampling) for _, sampling in requests]
-        sequences = handler.submit(handle, [(prompt, p) for (prompt, _), p in zip(requests, params)])
-        return [TextStream(handle.tag, p.seed, seq) for p, seq in zip(params, sequences)]
-
-    def text_models(self) -> list[dict]:
-        """Served text-generation models (what the OpenAI API lists): name, newest version, created."""
+    def served_models(self, task: str) -> list[dict]:
+        """Served models of ``task`` with a stored version: name, newest version, created (what the
+        OpenAI API lists for text, what the OpenAPI document names per route)."""
         out = []
-        for name in self.repository.names:
-            if not self.repository.versions(name):
-                continue
-            stored = self.repository.stored(name)
-            if self.repository.contract(name).family == TextGeneration.task:
+        for name, contract in self._served_contracts():
+            if contract.task == task:
+                stored = self.repository.stored(name)
                 out.append({"name": name, "version": stored.version, "created": int(stored.created_at)})
         return out
+
+    def default_model(self, task: str) -> str | None:
+        """The model a native request of ``task`` gets when it names none: the task's own default
+        when this server serves it, else the first served model of the task."""
+        handler = self._handlers[task]
+        if handler.default_model in self.repository.names:
+            return handler.default_model
+        served = self.served_models(task)
+        return served[0]["name"] if served else None
+
+    async def task_handle(self, task: str, model: str | None) -> tuple[TaskHandler, ModelHandle]:
+        """The handler of ``task`` and a ready handle for ``model`` ("name" or "name:version"; the
+        task's default without one); 400 for a model of another task."""
+        name, _, version = (model or self.default_model(task) or "").partition(":")
+        if not name:
+            raise bad_request("model", f"this server serves no {task} model")
+        handle = await self.repository.handle(name if version else self.route(name), version or None)
+        if handle.contract.task != task:
+            raise bad_request("model", f"model {name!r} serves {handle.contract.task}, not {task}")
+        return self._handlers[task], handle
+
+    async def run_native(self, task: str, route: NativeRoute, model: str | None, image: bytes | None,
+                         values: dict[str, Any]) -> Any:
+        """One native request: the route's work on the chosen model."""
+        handler, handle = await self.task_handle(task, model)
+        return await getattr(handler, route.run)(handle, image, values)
 
     async def infer_stream(self, name: str, version: str | None, feeds: Tensors,
                            parameters: Mapping[str, Any] | None = None) -> AsyncIterator[InferResult]:
         """Decoupled inference: a text model's results chunk by chunk, any other model's at once.
         Bad input raises here, before the first result."""
         handle = await self.repository.handle(name if version else self.route(name), version)
-        results = await self.handler(handle.contract.family).stream_tensors(handle, feeds, parameters or {})
+        results = await self.handler(handle.contract).stream_tensors(handle, feeds, parameters or {})
 
         async def named() -> AsyncIterator[InferResult]:
             async for result in results:
@@ -368,17 +340,9 @@ class DataPlane:
 
     # ---- helpers ---------------------------------------------------------------------------------
 
-    def handler(self, family: str) -> TaskHandler:
+    def handler(self, contract: ModelContract) -> TaskHandler:
         try:
-            return self._handlers[family]
+            return self._handlers[contract.task]
         except KeyError:
-            raise ServingError("model", f"no task handler for family {family!r}", 500) from None
-
-    async def _task(self, kind: type[TaskHandler], model: str | None) -> tuple[Any, ModelHandle]:
-        """The handler and a ready handle for ``model`` ("name" or "name:version"; the task's own
-        model by default)."""
-        name, _, version = (model or kind.task).partition(":")
-        handle = await self.repository.handle(name if version else self.route(name), version or None)
-        if handle.contract.family != kind.task:
-            raise bad_request("model", f"model {name!r} is a {handle.contract.family} model, not {kind.task}")
-        return self.handler(kind.task), handle
+            raise ServingError("model", f"model {contract.name!r} serves task {contract.task!r}, which this server "
+                                        f"has no handler for (tasks: {list(self._handlers)})", 501) from None

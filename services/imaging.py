@@ -77,19 +77,60 @@ def decode_image(data: bytes, field: str, max_pixels: int, min_side: int = 1) ->
     return load_image(open_image(data, field, max_pixels, min_side), field)
 
 
+RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+def resized_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
+    """(width, height) the picture is resized to before any crop: what Hugging Face's image
+    processors compute (``get_resize_output_image_size``: the short side to its target, the long
+    one scaled and truncated)."""
+    if spec.resize == "shortest_edge":
+        short, long = sorted((width, height))
+        new_short, new_long = spec.resize_to, int(spec.resize_to * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    if spec.resize == "exact" and spec.height and spec.width:
+        return spec.width, spec.height
+    return width, height
+
+
 def to_model_input(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """PIL image -> (1, C, H, W) float32 as the contract describes (size, channels, foreground, mean/std)."""
+    """PIL image -> the model's (1, C, H, W) input (or (1, H, W, C)) as the contract describes:
+    resize, centre crop, rescale, mean/std, padding."""
     image = image.convert("L" if spec.channels == 1 else "RGB")
-    if spec.height and spec.width and image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR, reducing_gap=None)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    if spec.channels == 1:
-        if spec.foreground == "light" and pixels.mean() > 0.5:
-            pixels = 1.0 - pixels  # dark ink on light paper: flip to the model's light-on-dark
-        pixels = pixels[None]
+    size = resized_size(image.width, image.height, spec)
+    if image.size != size:
+        image = image.resize(size, RESAMPLE[spec.resample], reducing_gap=None)
+    if spec.resize == "shortest_edge" and image.size != (spec.width, spec.height):
+        left, top = (image.width - spec.width) // 2, (image.height - spec.height) // 2
+        image = image.crop((left, top, left + spec.width, top + spec.height))
+    if spec.dtype == "uint8":
+        pixels = np.asarray(image, dtype=np.uint8)
     else:
+        pixels = np.asarray(image, dtype=np.float32)
+        # The suite's models were trained on pixels / 255 exactly; other factors as their processors do.
+        pixels = pixels / 255.0 if abs(spec.rescale - 1 / 255) < 1e-12 else pixels * np.float32(spec.rescale)
+        if spec.channels == 1 and spec.foreground == "light" and pixels.mean() > 0.5:
+            pixels = 1.0 - pixels  # dark ink on light paper: flip to the model's light-on-dark
+    pixels = pixels[..., None] if spec.channels == 1 else pixels  # (H, W, C)
+    if spec.dtype != "uint8":
+        pixels = normalised(pixels, spec.mean, spec.std)
+    if spec.pad_to:
+        h, w = pixels.shape[:2]
+        pixels = np.pad(pixels, ((0, (h // spec.pad_to + 1) * spec.pad_to - h),
+                                 (0, (w // spec.pad_to + 1) * spec.pad_to - w), (0, 0)), mode="symmetric")
+    if spec.layout == "NCHW":
         pixels = pixels.transpose(2, 0, 1)
-    return ((pixels - spec.mean) / spec.std)[None].astype(np.float32)
+    return np.ascontiguousarray(pixels[None]).astype(spec.dtype, copy=False)
+
+
+def normalised(pixels: np.ndarray, mean: float | list[float], std: float | list[float]) -> np.ndarray:
+    """(H, W, C) float32 minus mean over std, one value or one per channel."""
+    if isinstance(mean, (int, float)) and isinstance(std, (int, float)):
+        if mean == 0 and std == 1:
+            return pixels
+        return (pixels - mean) / std
+    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -44,11 +44,12 @@ class ServingMetrics:
         self.batch_occupancy = Histogram("suite_text_batch_occupancy",
                                          "Live sequences per decoding step as a fraction of text_max_live",
                                          ["model"], buckets=OCCUPANCY_BUCKETS, registry=registry)
-        self._models = frozenset(models)
+        self._models = set(models)
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
 
     def observer(self, model: str) -> "ModelObserver":
+        self._models.add(model)  # a model found after start-up (an import) is counted under its own name
         return ModelObserver(self, model)
 
     def request(self, model: str, protocol: str, status: int, seconds: float | None = None) -> None:

@@ -20,10 +20,9 @@ import numpy as np
 
 from contract import ONNX_FILE, ModelContract
 from services.batching import DynamicBatcher
-from services.config import FAMILIES, ServingConfig, available_cores
+from services.config import ServingConfig, available_cores
 from services.errors import ServingError, not_found, unavailable
 from services.runtime import OnnxSession, read_contract
-from services.textengine import EngineLimits, TextEngine
 
 log = logging.getLogger("services.repository")
 
@@ -47,8 +46,8 @@ class ModelStore(Protocol):
     def list_versions(self, name: str) -> list[StoredVersion]:
         """Every version of ``name``, newest first."""
 
-    def list_names(self) -> list[str]:
-        """Every model name in the store whose metadata names a family this server has handlers for."""
+    def list_names(self, tasks: Iterable[str] | None = None) -> list[str]:
+        """Every model name in the store whose metadata names one of ``tasks`` (None: any)."""
 
 
 class BentoModelStore:
@@ -62,20 +61,23 @@ class BentoModelStore:
                  for m in bentoml.models.list(name)]
         return sorted(found, key=lambda v: v.created_at, reverse=True)
 
-    def list_names(self) -> list[str]:
+    def list_names(self, tasks: Iterable[str] | None = None) -> list[str]:
         import bentoml
 
-        return sorted({m.tag.name for m in bentoml.models.list() if m.info.metadata.get("family") in FAMILIES})
+        wanted = None if tasks is None else set(tasks)
+        return sorted({m.tag.name for m in bentoml.models.list()
+                       if wanted is None or m.info.metadata.get("task") in wanted})
 
 
-def served_names(config: ServingConfig, store: ModelStore) -> tuple[str, ...]:
-    """What a server serves: ``config.models``, or else the five defaults (each named after its
-    family, served whether or not the store has it yet, so readiness says what is missing) and
-    every other model of a known family found in the store (the benchmark models)."""
+def served_names(config: ServingConfig, store: ModelStore, defaults: tuple[str, ...] = (),
+                 tasks: Iterable[str] | None = None) -> tuple[str, ...]:
+    """What a server serves: ``config.models``, or else ``defaults`` (served whether or not the
+    store has them yet, so readiness says what is missing) and every other model in the store whose
+    task is one of ``tasks`` (the benchmark models, imported models)."""
     if config.models:
         return config.models
-    found = store.list_names() if hasattr(store, "list_names") else []
-    return FAMILIES + tuple(n for n in found if n not in FAMILIES)
+    found = store.list_names(tasks) if hasattr(store, "list_names") else []
+    return tuple(defaults) + tuple(n for n in found if n not in defaults)
 
 
 def batch_major(contract: ModelContract) -> bool:
@@ -83,18 +85,37 @@ def batch_major(contract: ModelContract) -> bool:
     return all(t.axis_names[:1] == ["batch"] for t in (*contract.inputs, *contract.outputs))
 
 
+def model_batcher(stored: "StoredVersion", session: OnnxSession, config: ServingConfig, observer: Any) -> DynamicBatcher:
+    """The dynamic batcher a loaded version's requests go through: models whose every tensor is
+    batch-major batch (up to their contract's max_batch); others run one request per session run,
+    several side by side."""
+    contract, own = session.contract, config.limits(stored.name)
+    if config.batching and batch_major(contract):
+        rows = min(contract.max_batch or own.max_batch_size, own.max_batch_size)
+        concurrency = config.batch_concurrency
+    else:
+        rows, concurrency = 1, max(2, available_cores())
+    return DynamicBatcher(stored.tag, session.run, max_batch_size=rows,
+                          max_queue_delay_s=config.max_queue_delay_ms / 1000, max_queue=own.max_queue,
+                          max_queue_wait_s=own.max_queue_wait_ms / 1000, concurrency=concurrency, observer=observer)
+
+
+Runners = Callable[["StoredVersion", OnnxSession], tuple[DynamicBatcher, Any]]
+
+
 class ModelHandle:
     """One loaded, warmed-up version. ``infer`` takes validated, batch-major tensors."""
 
     def __init__(self, stored: StoredVersion, contract: ModelContract, session: OnnxSession, runner: Any,
-                 engine: TextEngine | None = None):
+                 engine: Any = None):
         self.stored = stored
         self.name, self.version = stored.name, stored.version
         self.metadata = stored.metadata
         self.contract = contract
         self.session = session
         self.runner = runner  # tensors in, tensors out: the dynamic batcher
-        self.engine = engine  # text models: continuous batching of whole generations
+        self.engine = engine  # the task's own scheduler, if any (text: continuous batching of whole generations):
+        #   admission_error(), idle(), close() like the runner
 
     @property
     def tag(self) -> str:
@@ -155,12 +176,19 @@ class ModelRepository:
     server goes on serving the others (and the previous version of it, if there was one)."""
 
     def __init__(self, config: ServingConfig, store: ModelStore | None = None,
-                 observer_for: Callable[[str], Any] | None = None, drain_timeout: float = 120.0):
+                 observer_for: Callable[[str], Any] | None = None, drain_timeout: float = 120.0,
+                 runners: Runners | None = None, defaults: tuple[str, ...] = (), tasks: Iterable[str] | None = None):
+        """``runners``: builds a loaded version's (batcher, task scheduler), the task's business (by
+        default a batcher alone); ``defaults`` and ``tasks``: see ``served_names``. Without
+        ``config.models``, models of ``tasks`` stored after start-up are found by ``refresh``."""
         self.config = config
         self.store = store or BentoModelStore()
-        self.names = served_names(config, self.store)
+        self.tasks = None if tasks is None else tuple(tasks)
+        self.names = served_names(config, self.store, defaults, self.tasks)
         self.drain_timeout = drain_timeout
         self._observer_for = observer_for or (lambda name: None)
+        self._runners = runners or (lambda stored, session: (
+            model_batcher(stored, session, config, self._observer_for(stored.name)), None))
         self._versions: dict[str, list[StoredVersion]] = {name: [] for name in self.names}
         self._contracts: dict[tuple[str, str], ModelContract] = {}
         self._loaded: dict[tuple[str, str], ModelHandle] = {}
@@ -170,13 +198,33 @@ class ModelRepository:
         self._errors: dict[str, str] = {}  # name -> why its wanted version is not serving
         self._draining: set[asyncio.Task] = set()
         self._control: asyncio.Lock | None = None  # made on first use, inside the event loop
+        self._found: set[str] = set()  # stored since start-up, not yet loaded or unloaded by model control
 
     # ---- what the store holds ------------------------------------------------------------------
 
     def refresh(self, names: Iterable[str] | None = None) -> None:
-        """Re-reads the store's version lists (new exports become known; nothing is loaded)."""
+        """Re-reads the store's version lists (new exports become known; nothing is loaded). A full
+        refresh also finds models stored since start-up (an import), unless ``config.models``
+        fixes what is served."""
+        if names is None:
+            self.discover()
         for name in names or self.names:
             self._versions[name] = self.store.list_versions(name)
+
+    def discover(self) -> list[str]:
+        """Adds the store's models of a known task that are not served yet; -> their names. They are
+        listed unloaded (readiness does not wait for them) until model control loads them, or the
+        periodic refresh does (``refresh_newest``)."""
+        if self.config.models or not hasattr(self.store, "list_names"):
+            return []
+        new = [n for n in self.store.list_names(self.tasks) if n not in self._versions]
+        for name in new:
+            self.names = (*self.names, name)
+            self._versions[name] = []
+            self._wanted[name] = WantedState(loaded=False)
+            self._found.add(name)
+            log.info("found %s in the store: load it with POST /v2/repository/models/%s/load", name, name)
+        return new
 
     def _check_name(self, name: str) -> None:
         if name not in self._versions:
@@ -260,8 +308,8 @@ class ModelRepository:
         session = OnnxSession(stored.folder / ONNX_FILE, intra_op_threads=self.config.session_threads,
                               inter_op_threads=self.config.inter_op_threads, providers=self.config.providers)
         session.warm_up()
-        handle = ModelHandle(stored, session.contract, session, self._runner(stored, session),
-                             self._engine(stored, session))
+        runner, engine = self._runners(stored, session)
+        handle = ModelHandle(stored, session.contract, session, runner, engine)
         self._contracts.pop(key, None)  # the handle holds it now
         self._loaded[key] = handle
         log.info("loaded %s (batches of up to %d rows)", stored.tag, handle.runner.max_batch_size)
@@ -329,8 +377,11 @@ class ModelRepository:
             self._control = asyncio.Lock()
         errors = {}
         async with self._control:
+            if any(name not in self._wanted for name in wanted):  # stored since start-up (an import)
+                await asyncio.get_running_loop().run_in_executor(None, self.discover)
             for name, state in wanted.items():
                 self._check_name(name)
+                self._found.discard(name)  # model control decides for it now
                 self._wanted[name] = state
                 if not state.loaded:
                     self._serving.pop(name, None)
@@ -353,6 +404,9 @@ class ModelRepository:
         """Periodic refresh: every model that follows the newest stored version switches to a newer
         one found in the store."""
         await asyncio.get_running_loop().run_in_executor(None, self.refresh, None)
+        for name in self._found:  # polling serves new models, as Triton's poll mode does
+            self._wanted[name] = WantedState()
+        self._found.clear()
         stale = {name: state for name, state in self._wanted.items()
                  if state.loaded and state.version is None and self._versions[name]
                  and self._serving.get(name) != self._versions[name][0].version and name not in self._errors}
@@ -412,28 +466,6 @@ class ModelRepository:
             await self.unload(*key)
         for task in list(self._draining):
             task.cancel()
-
-    def _engine(self, stored: StoredVersion, session: OnnxSession) -> TextEngine | None:
-        if session.contract.task != "text-generation":
-            return None
-        config = self.config
-        own = config.limits(stored.name)
-        limits = EngineLimits(own.text_max_live, own.text_max_waiting, config.text_prefill_tokens,
-                              config.text_stream_interval_ms / 1000)
-        return TextEngine(stored.tag, session.run, session.contract, stored.folder, limits,
-                          self._observer_for(stored.name))
-
-    def _runner(self, stored: StoredVersion, session: OnnxSession) -> DynamicBatcher:
-        config, contract, own = self.config, session.contract, self.config.limits(stored.name)
-        if config.batching and batch_major(contract):
-            rows, concurrency = min(contract.max_batch or own.max_batch_size, own.max_batch_size), config.batch_concurrency
-        else:  # one request per run, several side by side
-            rows, concurrency = 1, max(2, available_cores())
-        return DynamicBatcher(stored.tag, session.run, max_batch_size=rows,
-                              max_queue_delay_s=config.max_queue_delay_ms / 1000, max_queue=own.max_queue,
-                              max_queue_wait_s=own.max_queue_wait_ms / 1000, concurrency=concurrency,
-                              observer=self._observer_for(stored.name))
-
 
 PATH = re.compile(r"(?:/[\w.@+-]+){2,}/?")
 

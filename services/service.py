@@ -33,6 +33,7 @@ from services.frontends.openapi import add_openapi_route
 from services.frontends.probes import ProbeServer, ProbeState
 from services.metrics import ServingMetrics, exposition
 from services.repository import BentoModelStore, ModelRepository, served_names
+from services.tasks import default_models, runners_for, task_classes
 
 log = logging.getLogger("services")
 CONFIG = ServingConfig.load()
@@ -59,12 +60,12 @@ add_openapi_route(http_app)
     http={"port": CONFIG.http_port},
 )
 class Suite:
-    # Declared so that `bentoml build` packs the newest version of each model into the bento.
-    classify_model = bentoml.models.BentoModel("classify")
-    segment_model = bentoml.models.BentoModel("segment")
-    generate_model = bentoml.models.BentoModel("generate")
-    denoise_model = bentoml.models.BentoModel("denoise")
-    sample_model = bentoml.models.BentoModel("sample")
+    # Each task's default model, declared so that `bentoml build` packs its newest version into the
+    # bento (`bentoml serve` then requires it in the store). A server of its users' own models only
+    # (default_models=false) declares none: it serves what the store holds. The class body's
+    # namespace is a dict, so the declarations can come from the task registry.
+    if CONFIG.default_models:
+        locals().update({f"{name}_model": bentoml.models.BentoModel(name) for name in default_models()})
 
     def __init__(self) -> None:
         if CONFIG.extra:
@@ -81,8 +82,11 @@ class Suite:
         if not os.environ.get("UV_TCP_SINGLE_ACCEPT"):  # "0" turns it off
             os.environ["UV_TCP_SINGLE_ACCEPT"] = "1"
         store = BentoModelStore()
-        self.metrics = ServingMetrics(served_names(CONFIG, store))
-        self.repository = ModelRepository(CONFIG, store, observer_for=self.metrics.observer)
+        tasks, defaults = tuple(task_classes()), default_models() if CONFIG.default_models else ()
+        self.metrics = ServingMetrics(served_names(CONFIG, store, defaults, tasks))
+        self.repository = ModelRepository(CONFIG, store, observer_for=self.metrics.observer,
+                                          runners=runners_for(CONFIG, self.metrics.observer),
+                                          defaults=defaults, tasks=tasks)
         # The wanted state shared by this server's workers: a worker replacing a killed one starts in
         # the state model control left the others in. A model that fails to load is logged, named
         # by /readyz and refused with 503; the others serve.

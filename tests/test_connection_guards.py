@@ -221,7 +221,9 @@ def test_probes_answer_at_once_with_300_idle_connections_open(probes):
                 status, _, body = get(sock, path)
             elapsed = time.monotonic() - started
             assert status == 200 and key in body, body
-            assert elapsed < 0.5, (path, elapsed)
+            # Not queued behind the idle connections: those would hold it until their header timeout.
+            # (0.74 s was seen once on a 2-core machine running the rest of the suite.)
+            assert elapsed < 2.0, (path, elapsed)
         # The cap (64) closed the oldest without an answer, the others were answered 408 on time
         # (how many of each depends on how fast the connections were accepted).
         answers = [read_until_closed(sock) for sock in idle]

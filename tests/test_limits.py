@@ -16,7 +16,8 @@ from services.config import ServingConfig, cgroup_memory_limit, parse_bytes
 from services.errors import ServingError
 from services.frontends.asgi import parse_json
 from services.repository import without_paths
-from services.tasks import Denoising, ImageClassification, TileGrid
+from services.tasks.classify import ImageClassification
+from services.tasks.denoise import Denoising, TileGrid
 
 MIB = 1024 * 1024
 

@@ -24,7 +24,11 @@ from services.errors import ServingError
 from services.frontends.multipart import parse_multipart
 from services.frontends.oip_codec import serialize_bytes, tensor_from_list, tensor_from_raw, tensor_to_raw
 from services.repository import ModelRepository, StoredVersion, batch_major
-from services.tasks import Denoising, ImageClassification, ImageGeneration, Segmentation, TextGeneration
+from services.tasks.classify import ImageClassification
+from services.tasks.denoise import Denoising
+from services.tasks.generate import TextGeneration
+from services.tasks.sample import ImageGeneration
+from services.tasks.segment import Segmentation
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -96,7 +100,7 @@ def classify_handle():
 
 def test_classify_answers_top_k_from_the_handle_that_ran():
     handle = classify_handle()
-    body = asyncio.run(ImageClassification().classify(handle, png(np.zeros((10, 12), np.uint8)), 1))
+    body = asyncio.run(ImageClassification().classify(handle, png(np.zeros((10, 12), np.uint8)), {"top_k": 1}))
     assert body == {"model": "classify:v1", "predictions": [{"label": "b", "class_id": 1, "probability": 0.75}]}
     (feeds,) = handle.calls
     assert feeds["image"].shape == (1, 1, 4, 4) and feeds["image"].dtype == np.float32  # resized per the contract
@@ -112,45 +116,45 @@ def test_classify_answers_top_k_from_the_handle_that_ran():
 ])
 def test_classify_limits(image, top_k, status, field):
     handle = classify_handle()
-    raises(status, field, ImageClassification().classify, handle, image, top_k)
+    raises(status, field, ImageClassification().classify, handle, image, {"top_k": top_k})
     assert not handle.calls  # refused before any session run
 
 
 def test_segment_mask_comes_back_at_the_upload_size():
     handle = FakeHandle(SEGMENT, lambda f: {"mask": np.ones((1, 8, 8), np.int64)})
-    out = asyncio.run(Segmentation().segment(handle, png(np.zeros((30, 20, 3), np.uint8))))
-    mask = np.asarray(Image.open(io.BytesIO(out)))
+    out = asyncio.run(Segmentation().segment(handle, png(np.zeros((30, 20, 3), np.uint8)), {}))
+    mask = np.asarray(Image.open(io.BytesIO(out.png)))
     assert mask.shape == (30, 20) and (mask == 1).all()
 
 
 def test_denoise_limits_and_planes():
     handle = FakeHandle(DENOISE, lambda f: {"denoised": f["noisy"]})
     rgb = png(np.full((16, 16, 3), 100, np.uint8))
-    out = asyncio.run(Denoising().denoise(handle, rgb, 25))
-    assert np.asarray(Image.open(io.BytesIO(out))).shape == (16, 16, 3)
+    out = asyncio.run(Denoising().denoise(handle, rgb, {"sigma": 25}))
+    assert np.asarray(Image.open(io.BytesIO(out.png))).shape == (16, 16, 3)
     feeds = handle.calls[0]
     assert feeds["noisy"].shape == (3, 1, 16, 16)  # one row per colour channel
     np.testing.assert_allclose(feeds["noise_level"], 25 / 255)
-    asyncio.run(Denoising().denoise(handle, rgb, None))
+    asyncio.run(Denoising().denoise(handle, rgb, {}))
     assert handle.calls[-1]["noise_level"][0, 0] == -1.0  # blind
-    raises(400, "sigma", Denoising().denoise, handle, rgb, 101)  # max_sigma
-    raises(400, "sigma", Denoising().denoise, handle, rgb, -1)
-    raises(400, "image", Denoising().denoise, handle, png(np.zeros((4, 40), np.uint8)), 10)  # min_side 8
-    raises(413, "image", Denoising().denoise, handle, png(np.zeros((80, 80), np.uint8)), 10)  # max_pixels
+    raises(400, "sigma", Denoising().denoise, handle, rgb, {"sigma": 101})  # max_sigma
+    raises(400, "sigma", Denoising().denoise, handle, rgb, {"sigma": -1})
+    raises(400, "image", Denoising().denoise, handle, png(np.zeros((4, 40), np.uint8)), {"sigma": 10})  # min_side 8
+    raises(413, "image", Denoising().denoise, handle, png(np.zeros((80, 80), np.uint8)), {"sigma": 10})  # max_pixels
 
 
 def test_sample_limits_and_seed():
     handle = FakeHandle(SAMPLE, lambda f: {"images": np.zeros((len(f["latent"]), 1, 2, 2), np.float32)})
     handler = ImageGeneration()
-    first, seed = asyncio.run(handler.sample(handle, 3, 11, None))
-    again, _ = asyncio.run(handler.sample(handle, 3, 11, None))
-    assert seed == 11 and first == again
+    first = asyncio.run(handler.sample(handle, None, {"n": 3, "seed": 11}))
+    again = asyncio.run(handler.sample(handle, None, {"n": 3, "seed": 11}))
+    assert first.seed == 11 and first.png == again.png
     np.testing.assert_array_equal(handle.calls[0]["latent"], handle.calls[1]["latent"])
     np.testing.assert_array_equal(handle.calls[0]["class_id"], [0, 1, 2])
-    raises(400, "n", handler.sample, handle, 7, None, None)  # max_n 6
-    raises(400, "n", handler.sample, handle, 0, None, None)
-    raises(400, "class_id", handler.sample, handle, 2, None, 3)
-    raises(400, "seed", handler.sample, handle, 2, -1, None)
+    raises(400, "n", handler.sample, handle, None, {"n": 7})  # max_n 6
+    raises(400, "n", handler.sample, handle, None, {"n": 0})
+    raises(400, "class_id", handler.sample, handle, None, {"n": 2, "class_id": 3})
+    raises(400, "seed", handler.sample, handle, None, {"n": 2, "seed": -1})
 
 
 def test_sampling_parameters_parsed_once_for_every_front_end():
@@ -286,13 +290,17 @@ def test_config_layers_env_then_arguments():
 
 def test_served_names_defaults_then_the_stores_other_models():
     from services.repository import served_names
+    from services.tasks import default_models, task_classes
 
     class Store:
-        def list_names(self):
-            return ["classify", "denoise-bsd", "generate-shakespeare"]
+        def list_names(self, tasks):
+            stored = {"classify": "image-classification", "denoise-bsd": "image-denoising",
+                      "generate-shakespeare": "text-generation", "someone-elses": "speech-recognition"}
+            return [name for name, task in stored.items() if task in tasks]
 
-    assert served_names(ServingConfig(), Store()) == ("classify", "segment", "generate", "denoise", "sample",
-                                                      "denoise-bsd", "generate-shakespeare")
+    assert default_models() == ("classify", "segment", "generate", "denoise", "sample")
+    assert served_names(ServingConfig(), Store(), default_models(), task_classes()) == (
+        "classify", "segment", "generate", "denoise", "sample", "denoise-bsd", "generate-shakespeare")
     assert served_names(ServingConfig(models=("denoise-bsd",)), Store()) == ("denoise-bsd",)
     # a model name may hold dots: the limit is what follows the last one
     config = ServingConfig.load(environ={"SUITE_MODEL_LIMITS": "generate-shakespeare.v2.max_queue=7"}, arguments={})

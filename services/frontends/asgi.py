@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -24,6 +24,10 @@ from starlette.routing import Match, Route
 
 from services.config import ServingConfig
 from services.errors import ServingError, bad_request, too_large, unauthorized, unavailable
+
+if TYPE_CHECKING:  # the data plane sits below the front-ends; imported for types only
+    from services.dataplane import DataPlane
+    from services.metrics import ServingMetrics
 
 log = logging.getLogger("services.frontends")
 JSON = b"application/json"
@@ -224,8 +228,9 @@ class Endpoint:
     def __init__(self, frontend: "HttpFrontend", handler: Handler, methods: tuple[str, ...], protocol: str,
                  model: str | None, errors: Callable[[ServingError], Any] | None = None, public: bool = False,
                  admits: bool = False, body: str = "json", control: bool = False,
-                 cancel_on_disconnect: bool | Callable[[Any, str | None], bool] = False):
+                 cancel_on_disconnect: bool | Callable[[Any, str | None], bool] = False, task: str | None = None):
         self.frontend = frontend
+        self.task = task  # the task an image route serves: its upload limit is its models' largest
         self.public = public  # answered without the API key (health, metrics)
         self.admits = admits  # runs the model: refused at once, body unread, while the model cannot take more
         self.body = body  # what the body holds, for its limit: json, image (the task's), tensors (the model's), none
@@ -259,7 +264,7 @@ class Endpoint:
             else:
                 # Everything that can refuse the request without its body does so before it is read.
                 request.max_body_bytes = self.fixed_body_limit or frontend.body_limit(self.body, self._model_label(scope),
-                                                                                      request)
+                                                                                      request, self.task)
                 if self.admits:
                     refusal = frontend.plane.admission_error(self._model_label(scope))
                     if refusal is not None:
@@ -323,15 +328,15 @@ class HttpFrontend(Starlette):
     def __init__(self, config: ServingConfig | None = None):
         super().__init__()
         self.config = config or ServingConfig()
-        self.plane: Any = None
-        self.metrics: Any = None
+        self.plane: DataPlane | None = None
+        self.metrics: ServingMetrics | None = None
         self.max_body_bytes = self.config.max_body_bytes
         self.close_probability = 0.0
         self.stream_close_probability = 0.0
         self.api_key = b""
         self._exact: dict[str, Endpoint] = {}
 
-    def bind(self, plane: Any, metrics: Any = None) -> None:
+    def bind(self, plane: "DataPlane", metrics: "ServingMetrics | None" = None) -> None:
         """The settings' ``keepalive_requests``: close a keep-alive connection after that many
         requests on average (at random, so no per-connection state), which lets the kernel hand the
         reconnection to whichever worker is least busy; 0 keeps connections open.
@@ -359,7 +364,7 @@ class HttpFrontend(Starlette):
             raise ServingError("content-type", f"model control takes application/json, got "
                                                f"{request.media_type or 'no content type'}", 415)
 
-    def body_limit(self, kind: str, model: str | None, request: Request | None) -> int:
+    def body_limit(self, kind: str, model: str | None, request: Request | None, task: str | None = None) -> int:
         """The body limit of one request, known before its body is read: each is far below the
         global ceiling (``max_body_bytes``) that used to apply to every route."""
         ceiling = self.config.max_body_bytes
@@ -368,7 +373,7 @@ class HttpFrontend(Starlette):
         if kind == "none":
             return min(ceiling, 64 * 1024)
         if kind == "image":  # the largest upload the route's models accept: 4 bytes a pixel (RGBA) and headroom
-            return min(ceiling, self.plane.image_body_limit(model) + 1024 * 1024)
+            return min(ceiling, self.plane.image_body_limit(task) + 1024 * 1024)
         if kind == "tensors":  # the model's largest tensors, binary or as JSON numbers
             binary = request.headers.get("inference-header-content-length") is not None
             return min(ceiling, self.plane.tensor_body_limit(model, binary, self.config.max_json_bytes))
@@ -377,11 +382,11 @@ class HttpFrontend(Starlette):
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), protocol: str = "native",
               model: str | None = None, errors: Callable[[ServingError], Any] | None = None,
               public: bool = False, admits: bool = False, body: str = "json", control: bool = False,
-              cancel_on_disconnect: bool | Callable[[Any, str | None], bool] = False) -> None:
+              cancel_on_disconnect: bool | Callable[[Any, str | None], bool] = False, task: str | None = None) -> None:
         """``admits``: the route runs ``model``, so admission control may refuse it before its body is
         read. ``body``: what its body holds (json, image, tensors, none), which sets its limit."""
         endpoint = Endpoint(self, handler, methods, protocol, model, errors, public, admits, body, control,
-                            cancel_on_disconnect)
+                            cancel_on_disconnect, task)
         if "{" in path:
             self.router.routes.append(Route(path, endpoint))
         else:

@@ -1,6 +1,7 @@
-"""The native HTTP API: ``/classify``, ``/segment``, ``/denoise`` (an image upload), ``/sample``,
-``/generate``, ``/generate_stream`` (JSON) and ``/models``: wire format only, the work is the data
-plane's.
+"""The native HTTP API: every task's routes (``/classify``, ``/segment``, ``/denoise``: an image
+upload; ``/sample``, ``/generate``, ``/generate_stream``: JSON; and whatever a new task declares),
+read from the task registry, plus ``/models`` and ``/metrics``: wire format only, the work is the
+task's, through the data plane.
 
 Image routes take ``multipart/form-data`` (an ``image`` file part plus text fields, what ``curl -F``
 sends) or the image itself as the body (``Content-Type: image/png``; fields in the query string).
@@ -15,11 +16,10 @@ from typing import Any
 from services.errors import bad_request, unsupported_media
 from services.frontends.asgi import HttpFrontend, Request, Response, StreamingResponse, json_response
 from services.frontends.multipart import parse_multipart
-from services.textgen import SAMPLING_FIELDS
+from services.tasks import task_classes
+from services.tasks.base import EventStream, ImageResult, NativeRoute, TaskHandler
 
 PNG = b"image/png"
-GENERATE_FIELDS = ("prompt", *SAMPLING_FIELDS, "model")
-SAMPLE_FIELDS = ("n", "seed", "class_id", "model")
 
 
 async def image_request(request: Request, fields: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
@@ -47,27 +47,27 @@ async def image_request(request: Request, fields: tuple[str, ...]) -> tuple[byte
                                             f"with an image/* content type; got {media or 'no content type'}")
 
 
-def form_int(values: dict[str, str], name: str, default: int | None) -> int | None:
-    raw = values.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise bad_request(name, f"must be an integer, got {raw[:50]!r}") from None
-
-
-def form_float(values: dict[str, str], name: str) -> float | None:
-    raw = values.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise bad_request(name, f"must be a number, got {raw[:50]!r}") from None
-    if not math.isfinite(value):
-        raise bad_request(name, f"must be a finite number, got {raw[:50]!r}")
-    return value
+def form_value(name: str, raw: str, schema: dict) -> Any:
+    """A form or query value (text) as its schema's type; an empty value is left out."""
+    kind = schema.get("type", "string")
+    if kind == "integer":
+        try:
+            return int(raw)
+        except ValueError:
+            raise bad_request(name, f"must be an integer, got {raw[:50]!r}") from None
+    if kind == "number":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise bad_request(name, f"must be a number, got {raw[:50]!r}") from None
+        if not math.isfinite(value):
+            raise bad_request(name, f"must be a finite number, got {raw[:50]!r}")
+        return value
+    if kind == "boolean":
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise bad_request(name, f"must be true or false, got {raw[:50]!r}")
+        return raw.lower() in ("true", "1")
+    return raw
 
 
 async def json_object(request: Request, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -83,66 +83,58 @@ async def json_object(request: Request, fields: tuple[str, ...]) -> dict[str, An
     return body
 
 
-def image_response(result) -> Response:
+def image_response(result: ImageResult) -> Response:
     headers = [(b"x-model", result.model.encode())]
     if result.seed is not None:
         headers.append((b"x-seed", str(result.seed).encode()))
     return Response(result.png, 200, PNG, headers)
 
 
-def optional_str(body: dict, name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise bad_request(name, f"must be a string, got {value!r}")
-    return value
+def event_response(stream: EventStream) -> StreamingResponse:
+    async def events():
+        async for payload in stream.events:
+            yield f"data: {json.dumps(payload)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), b"text/event-stream",
+                             headers=[(b"cache-control", b"no-cache"), (b"x-model", stream.model.encode())])
+
+
+def answer(result: Any) -> Response | StreamingResponse:
+    if isinstance(result, ImageResult):
+        return image_response(result)
+    if isinstance(result, EventStream):
+        return event_response(result)
+    return json_response(result)
+
+
+def task_endpoint(app: HttpFrontend, task: type[TaskHandler], route: NativeRoute):
+    schemas = route.fields(None)  # the fields' types (their limits are checked by the task)
+    names = (*schemas, "model")
+
+    async def endpoint(request: Request) -> Response | StreamingResponse:
+        if route.body == "image":
+            image, text = await image_request(request, names)
+            values = {k: form_value(k, v.strip(), schemas.get(k, {})) for k, v in text.items() if v.strip()}
+        else:
+            image, values = None, await json_object(request, names)
+        model = values.pop("model", None)
+        if model is not None and not isinstance(model, str):
+            raise bad_request("model", f"must be a string, got {model!r}")
+        if model:
+            request.scope["suite.model"] = model.partition(":")[0]
+        return answer(await app.plane.run_native(task.name, route, model or None, image, values))
+
+    return endpoint
 
 
 def add_native_routes(app: HttpFrontend) -> None:
-    async def classify(request: Request) -> Response:
-        image, values = await image_request(request, ("top_k", "model"))
-        top_k = form_int(values, "top_k", 5)
-        return json_response(await app.plane.classify(image, top_k, values.get("model") or None))
-
-    async def segment(request: Request) -> Response:
-        image, values = await image_request(request, ("model",))
-        return image_response(await app.plane.segment(image, values.get("model") or None))
-
-    async def denoise(request: Request) -> Response:
-        image, values = await image_request(request, ("sigma", "model"))
-        return image_response(await app.plane.denoise(image, form_float(values, "sigma"), values.get("model") or None))
-
-    async def sample(request: Request) -> Response:
-        body = await json_object(request, SAMPLE_FIELDS)
-        result = await app.plane.sample(body.get("n", 16), body.get("seed"), body.get("class_id"),
-                                        optional_str(body, "model"))
-        return image_response(result)
-
-    def prompt_of(body: dict) -> str:
-        prompt = body.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise bad_request("prompt", f"must be a string, got {type(prompt).__name__}")
-        return prompt
-
-    async def generate(request: Request) -> Response:
-        body = await json_object(request, GENERATE_FIELDS)
-        return json_response(await app.plane.generate(prompt_of(body), body, optional_str(body, "model")))
-
-    async def generate_stream(request: Request) -> StreamingResponse:
-        body = await json_object(request, GENERATE_FIELDS)
-        stream = await app.plane.generate_stream(prompt_of(body), body, optional_str(body, "model"))
-
-        async def events():
-            async for chunk in stream.chunks():
-                payload: dict[str, Any] = {"text": chunk.text}
-                if chunk.finish_reason is not None:
-                    payload.update(finish_reason=chunk.finish_reason, seed=stream.seed,
-                                   usage={"prompt_tokens": chunk.prompt_tokens,
-                                          "completion_tokens": chunk.completion_tokens})
-                yield f"data: {json.dumps(payload)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), b"text/event-stream",
-                                 headers=[(b"cache-control", b"no-cache"), (b"x-model", stream.model.encode())])
+    for task in task_classes().values():
+        for route in task.routes:
+            # ``model``: the task's default model, for admission before the body is read and metrics
+            # (a request naming another model is counted under that one).
+            app.route(route.path, task_endpoint(app, task, route), model=task.default_model, admits=True,
+                      body=route.body, task=task.name, cancel_on_disconnect=route.cancel_on_disconnect)
 
     async def models(request: Request) -> Response:
         return json_response(app.plane.models())
@@ -153,12 +145,5 @@ def add_native_routes(app: HttpFrontend) -> None:
         page, content_type = exposition()
         return Response(page, content_type=content_type.encode())
 
-    app.route("/classify", classify, model="classify", admits=True, body="image")
-    app.route("/segment", segment, model="segment", admits=True, body="image")
-    # A large /denoise runs for seconds: it stops when its client leaves.
-    app.route("/denoise", denoise, model="denoise", admits=True, body="image", cancel_on_disconnect=True)
-    app.route("/sample", sample, model="sample", admits=True)
-    app.route("/generate", generate, model="generate", admits=True, cancel_on_disconnect=True)
-    app.route("/generate_stream", generate_stream, model="generate", admits=True)
     app.route("/models", models, methods=("GET", "POST"))
     app.route("/metrics", metrics, methods=("GET",), protocol="metrics", public=True, body="none")

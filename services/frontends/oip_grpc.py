@@ -19,7 +19,7 @@ import asyncio
 import functools
 import hmac
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -30,6 +30,11 @@ from services.budget import TRIM_AFTER_BYTES, give_back_memory_soon
 from services.errors import ServingError, bad_request
 from services.frontends.oip_codec import numpy_dtype, oip_datatype, tensor_from_list, tensor_from_raw, tensor_to_raw
 
+if TYPE_CHECKING:  # the data plane sits below the front-ends; imported for types only
+    from services.config import ServingConfig
+    from services.dataplane import DataPlane
+    from services.metrics import ServingMetrics
+
 log = logging.getLogger("services.frontends.grpc")
 MAX_MESSAGE = 64 * 1024 * 1024  # the ceiling; the server's own limit comes from its models' contracts
 STREAM_IN_FLIGHT = 16  # requests of one ModelStreamInfer call served at once; the reader waits past it
@@ -37,7 +42,7 @@ STREAM_BUFFER = 64  # responses of one stream waiting for the client to read the
 FINAL, EMPTY_FINAL = "triton_final_response", "triton_enable_empty_final_response"  # Triton's decoupled-model parameters
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-         413: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL,
+         413: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL, 501: grpc.StatusCode.UNIMPLEMENTED,
          503: grpc.StatusCode.UNAVAILABLE}
 
 
@@ -94,7 +99,7 @@ def parameter_value(p: pb.InferParameter) -> Any:
     return getattr(p, kind) if kind else None
 
 
-def parse_checked(plane: Any, raw: bytes) -> pb.ModelInferRequest:
+def parse_checked(plane: DataPlane, raw: bytes) -> pb.ModelInferRequest:
     """A raw ModelInferRequest: its header (model, declared tensors) is parsed and checked against
     the contract first; the whole message only once that passes."""
     try:
@@ -111,7 +116,7 @@ def parse_checked(plane: Any, raw: bytes) -> pb.ModelInferRequest:
         raise bad_request("request", "not a valid ModelInferRequest message") from None
 
 
-def check_declared(plane: Any, request: pb.ModelInferRequest) -> None:
+def check_declared(plane: DataPlane, request: pb.ModelInferRequest) -> None:
     """Names, datatypes and shapes against the model's contract before any contents are decoded."""
     if not request.inputs:
         raise bad_request("inputs", "must be a non-empty list of tensors")
@@ -155,7 +160,7 @@ def set_parameter(p: pb.InferParameter, value: Any) -> None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: Any, metrics: Any = None):
+    def __init__(self, plane: DataPlane, metrics: ServingMetrics | None = None):
         self.plane = plane
         self.metrics = metrics
 
@@ -410,7 +415,7 @@ class GrpcFrontend:
     through the data plane's readiness (``/readyz`` and ``/v2/health/ready`` answer 503); it does
     not raise, because a raising startup hook makes BentoML respawn the worker in a tight loop."""
 
-    def __init__(self, plane: Any, config: Any, metrics: Any = None):
+    def __init__(self, plane: DataPlane, config: ServingConfig, metrics: ServingMetrics | None = None):
         self.plane = plane
         self.config = config
         self.port, self.host = config.grpc_port, config.grpc_bind_host

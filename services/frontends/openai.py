@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 from services.errors import ServingError, bad_request, not_found, unsupported_media
 from services.frontends.asgi import HttpFrontend, Request, Response, StreamingResponse, json_response
 
+TEXT = "text-generation"  # the task this front-end serves
 MAX_CHOICES = 8  # n per prompt
 MAX_PROMPTS = 32  # prompts per request
 DEFAULT_MAX_TOKENS = 16
@@ -128,7 +129,8 @@ def add_openai_routes(app: HttpFrontend) -> None:
         completion = CompletionRequest(await request.json())
         request.scope["suite.model"] = completion.model.partition(":")[0]
         try:
-            streams = await app.plane.generate_streams(completion.requests, completion.model)
+            handler, handle = await app.plane.task_handle(TEXT, completion.model)
+            streams = handler.streams(handle, completion.requests)
         except ServingError as exc:
             raise _rename_errors(exc) from None
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -142,11 +144,11 @@ def add_openai_routes(app: HttpFrontend) -> None:
         return json_response({**head, "choices": choices, "usage": _usage(completion, done)})
 
     async def models(request: Request) -> Response:
-        return json_response({"object": "list", "data": [_model_card(m) for m in app.plane.text_models()]})
+        return json_response({"object": "list", "data": [_model_card(m) for m in app.plane.served_models(TEXT)]})
 
     async def model(request: Request) -> Response:
         name = request.path_params["model"]
-        for card in app.plane.text_models():
+        for card in app.plane.served_models(TEXT):
             if card["name"] == name:
                 return json_response(_model_card(card))
         raise not_found("model", f"no text model {name!r}; GET /v1/models lists them")

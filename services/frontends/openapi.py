@@ -4,104 +4,26 @@ the running server enforces."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ERROR = {"$ref": "#/components/schemas/Error"}
+from services.frontends.openai import TEXT
+from services.tasks.base import openapi_errors as _errors
+from services.tasks.generate import PENALTIES
 
+if TYPE_CHECKING:
+    from services.dataplane import DataPlane
 
-def _errors(*codes: int) -> dict:
-    reasons = {400: "bad input; `field` names it", 404: "unknown model or version", 405: "method not allowed",
-               413: "body or image over its limit", 415: "unsupported content type",
-               503: "not ready or overloaded; retry after `Retry-After` seconds"}
-    return {str(c): {"description": reasons[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
-
-
-def _png(description: str) -> dict:
-    return {"200": {"description": description, "headers": {"X-Model": {"schema": {"type": "string"},
-                                                                          "description": "name:version that ran"}},
-                    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}}
-
-
-def _model_field(plane: Any, family: str) -> dict:
-    """The optional ``model`` field of a task route, naming the served models of that task."""
-    names = []
-    for name in plane.repository.names:
-        if plane.repository.versions(name) and plane.repository.contract(name).family == family:
-            names.append(name)
-    return {"type": "string", "description": f"served model to use, as name or name:version (default: {family}); "
-                                             f"served now: {', '.join(names) or 'none'}"}
-
-
-def _image_route(summary: str, fields: dict, responses: dict) -> dict:
-    form = {"type": "object", "required": ["image"],
-            "properties": {"image": {"type": "string", "format": "binary", "description": "PNG or JPEG"}, **fields}}
-    params = [{"name": k, "in": "query", "required": False, "schema": v} for k, v in fields.items()]
-    raw = {"schema": {"type": "string", "format": "binary"}}
-    return {"post": {"summary": summary, "parameters": params,
-                     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
-                                                                   "image/png": raw, "image/jpeg": raw}},
-                     "responses": {**responses, **_errors(400, 413, 415, 503)}}}
-
-
-def _json_route(summary: str, schema: dict, responses: dict) -> dict:
-    return {"post": {"summary": summary, "requestBody": {"required": False, "content": {"application/json": {"schema": schema}}},
-                     "responses": {**responses, **_errors(400, 413, 415, 503)}}}
-
-
-def openapi_document(plane: Any) -> dict:
-    contract = plane.repository.contract
-    classify, denoise, sample, generate = (contract(n) if n in plane.repository.names else None
-                                           for n in ("classify", "denoise", "sample", "generate"))
+def openapi_document(plane: DataPlane) -> dict:
     paths: dict[str, Any] = {}
-    if classify:
-        paths["/classify"] = _image_route(
-            "Classify an image (any size, grayscale or RGB)",
-            {"top_k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
-             "model": _model_field(plane, "classify")},
-            {"200": {"description": "top-k predictions", "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"model": {"type": "string"}, "predictions": {"type": "array", "items": {
-                    "type": "object", "properties": {"label": {"type": "string"}, "class_id": {"type": "integer"},
-                                                     "probability": {"type": "number"}}}},
-                    "ood_score": {"type": "number", "minimum": 0, "maximum": 1, "description":
-                                  "how unlike the training digits the input is: where its reconstruction error falls "
-                                  "among the held-out digits' errors (about 0.5 for a digit, 1.0 above them all; "
-                                  "models exported with the digit autoencoder)"},
-                    "reconstruction_error": {"type": "number", "description": "the autoencoder's mean squared "
-                                             "error on the normalised input"}}}}}}})
-    if "segment" in plane.repository.names:
-        paths["/segment"] = _image_route("Label mask of an image, same width and height",
-                                         {"model": _model_field(plane, "segment")},
-                                         _png("PNG mask; pixel value = class id"))
-    if denoise:
-        paths["/denoise"] = _image_route(
-            "Denoise an image", {"sigma": {"type": "number", "minimum": 0, "maximum": denoise.limits["max_sigma"],
-                                           "description": "noise level on the 0-255 scale; omitted = blind"},
-                        "model": _model_field(plane, "denoise")},
-            _png("denoised PNG, same size and mode"))
-    if sample:
-        paths["/sample"] = _json_route("A grid of GAN samples", {"type": "object", "additionalProperties": False, "properties": {
-            "n": {"type": "integer", "minimum": 1, "maximum": sample.limits["max_n"], "default": 16},
-            "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
-            "class_id": {"type": "integer", "minimum": 0, "maximum": len(sample.labels) - 1},
-            "model": _model_field(plane, "sample")}}, _png("PNG grid, 8 samples per row; X-Seed holds the seed"))
-    if generate:
-        body = {"type": "object", "additionalProperties": False, "properties": {
-            "prompt": {"type": "string", "maxLength": generate.limits["max_prompt_chars"], "default": ""},
-            "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": generate.limits["max_new_tokens"], "default": 64},
-            "temperature": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
-            "top_k": {"type": "integer", "minimum": 0, "default": 0},
-            "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "default": 1.0},
-            "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
-            "stop": {"type": "array", "maxItems": 8, "items": {"type": "string", "minLength": 1, "maxLength": 100}},
-            **PENALTIES, "model": _model_field(plane, "generate")}}
-        paths["/generate"] = _json_route("Complete a prompt; the same seed gives the same text", body, {"200": {
-            "description": "the completion", "content": {"application/json": {"schema": {"type": "object", "properties": {
-                "text": {"type": "string"}, "finish_reason": {"type": "string", "enum": ["length", "stop"]},
-                "usage": {"type": "object"}, "seed": {"type": "integer"}, "model": {"type": "string"}}}}}}})
-        paths["/generate_stream"] = _json_route("Same as /generate, as server-sent events", body, {"200": {
-            "description": "`data: {\"text\": ...}` events, a last one with finish_reason and usage, then `data: [DONE]`",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
-        paths.update(_openai_paths(generate))
+    for handler in plane.tasks():
+        served = [m["name"] for m in plane.served_models(handler.name)]
+        default = plane.default_model(handler.name)
+        if handler.routes and (served or default in plane.repository.names):
+            contract = plane.repository.contract(default) if default in served else None
+            paths.update(handler.openapi(contract, served))
+    text = [m["name"] for m in plane.served_models(TEXT)]
+    if text:
+        paths.update(_openai_paths(plane.repository.contract(plane.default_model(TEXT) or text[0])))
     models = {"200": {"description": "served models: version, contract, metrics, parity",
                       "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}}}
     paths["/models"] = {"get": {"summary": "Served models", "responses": models},
@@ -117,13 +39,6 @@ def openapi_document(plane: Any) -> dict:
             "paths": paths,
             "components": {"schemas": {"Error": {"type": "object", "required": ["error"], "properties": {
                 "error": {"type": "string"}, "field": {"type": "string"}}}}}}
-
-
-PENALTIES = {
-    "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 10, "default": 1.0},
-    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
-    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
-    "ignore_eos": {"type": "boolean", "default": False}}
 
 
 def _openai_paths(generate) -> dict:

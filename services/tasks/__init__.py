@@ -18,6 +18,7 @@ TASK_MODULES = (
     "services.tasks.generate",
     "services.tasks.denoise",
     "services.tasks.sample",
+    "services.tasks.image_to_image",
     "services.tasks.tensor",
 )
 

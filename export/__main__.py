@@ -1,4 +1,5 @@
-"""python -m export <family|all> [--variant fp32|int8|fp16|all] [--build-missing] [--profile standard|quick|benchmark] [--name NAME] [--data PATH] [--no-store]"""
+"""python -m export <family|all> [--variant fp32|int8|fp16|all] [--build-missing] [--profile standard|quick|benchmark] [--name NAME] [--data PATH] [--no-store]
+python -m export import {onnx MODEL.onnx --spec SPEC.toml | huggingface FOLDER | tensor MODEL.onnx} [--name NAME] (export/imports.py)"""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def resolve_variant_data(family, args) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["import"]:  # the user's own models (export/imports.py)
+        from export.imports import main as import_main
+
+        return import_main(argv[1:])
     from training.registry import FAMILIES
 
     parser = argparse.ArgumentParser(

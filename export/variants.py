@@ -93,12 +93,12 @@ def variant_file(variant: str) -> str:
     return ONNX_FILE if variant == "fp32" else f"model.{variant}.onnx"
 
 
-def _calibration_reader(names: list[str], inputs: list[tuple]):
+def _calibration_reader(feeds: list[dict[str, np.ndarray]]):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.feeds = iter([{n: t.numpy() for n, t in zip(names, example)} for example in inputs])
+            self.feeds = iter(feeds)
 
         def get_next(self):
             return next(self.feeds, None)
@@ -107,18 +107,26 @@ def _calibration_reader(names: list[str], inputs: list[tuple]):
 
 
 def _int8(family: Family, source: Path, target: Path, input_names: list[str], calibration: list[tuple]) -> str:
+    feeds = [{n: t.numpy() for n, t in zip(input_names, example)} for example in calibration]
+    return quantize_int8(source, target, feeds, family.int8_ops, family.int8_method)
+
+
+def quantize_int8(source: Path, target: Path, calibration: list[dict[str, np.ndarray]], ops=("Conv", "MatMul", "Gemm"),
+                  method: str = "static") -> str:
+    """ONNX Runtime's int8 quantization of ``source`` into ``target`` after ``quant_pre_process``:
+    static (QDQ, activation ranges from the calibration feeds) or dynamic; -> what was done."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        ops = list(family.int8_ops)
-        if family.int8_method == "dynamic":
+        ops = list(ops)
+        if method == "dynamic":
             quantize_dynamic(str(prepared), str(target), op_types_to_quantize=ops, weight_type=QuantType.QInt8,
                              per_channel=False)
             return f"dynamic int8 ({', '.join(ops)})"
-        quantize_static(str(prepared), str(target), _calibration_reader(input_names, calibration),
+        quantize_static(str(prepared), str(target), _calibration_reader(calibration),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         return f"static int8, QDQ, per-channel weights ({', '.join(ops)}; {len(calibration)} calibration batches)"

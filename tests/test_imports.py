@@ -228,8 +228,9 @@ def test_torch_and_onnx_classifiers_match_their_source(served, imported, name, s
         x = ((pixels - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)).transpose(2, 0, 1)[None]
         with torch.no_grad():
             probs = softmax(module(torch.from_numpy(np.ascontiguousarray(x))).numpy()[0].astype(np.float64))
-        got = requests.post(f"{served.url}/classify", params={"model": name, "top_k": 4}, data=png_bytes(picture),
-                            headers={"Content-Type": "image/png"}, timeout=60).json()
+        # curl -F image=@photo.png '.../classify?model=...': a form upload with the fields in the query string
+        got = requests.post(f"{served.url}/classify", params={"model": name, "top_k": 4},
+                            files={"image": ("photo.png", png_bytes(picture), "image/png")}, timeout=60).json()
         order = np.argsort(-probs, kind="stable")
         assert [p["label"] for p in got["predictions"]] == [TORCH_LABELS[i] for i in order]
         assert max(abs(p["probability"] - probs[i]) for p, i in zip(got["predictions"], order)) <= 1e-4

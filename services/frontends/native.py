@@ -23,26 +23,30 @@ PNG = b"image/png"
 
 
 async def image_request(request: Request, fields: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
-    """-> (image bytes, text fields) from a multipart form or a raw image body + query string."""
+    """-> (image bytes, text fields) from a multipart form or a raw image body; fields may come in
+    the query string either way (``curl -F image=@x.jpg '...?model=m'``), a field given both ways
+    is refused."""
     media = request.media_type
+    unknown = [k for k in request.query if k not in fields]
+    if unknown:
+        raise bad_request(unknown[0], f"unknown query parameter; this route takes {list(fields)}")
+    values = dict(request.query)
     body = await request.body()
     if media == "multipart/form-data":
         parts = parse_multipart(body, request.content_type)
-        values = {}
         for name, part in parts.items():
             if name == "image":
                 continue
             if name not in fields:
                 raise bad_request(name, f"unknown form field; this route takes image{''.join(', ' + f for f in fields)}")
+            if name in values:
+                raise bad_request(name, "given both as a form field and in the query string")
             values[name] = part.text()
         if "image" not in parts:
             raise bad_request("image", "missing: send the picture as the multipart file field 'image'")
         return parts["image"].data, values
     if media.startswith("image/") or media == "application/octet-stream":
-        unknown = [k for k in request.query if k not in fields]
-        if unknown:
-            raise bad_request(unknown[0], f"unknown query parameter; this route takes {list(fields)}")
-        return body, dict(request.query)
+        return body, values
     raise unsupported_media("content-type", f"send multipart/form-data with an 'image' part, or the image itself "
                                             f"with an image/* content type; got {media or 'no content type'}")
 

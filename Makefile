@@ -66,8 +66,10 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
+# CLASSIFIER: any stored image classifier (an imported one too) for the reference and classify rows.
+CLASSIFIER ?= classify
 bench: models $(BIN)/.bench-installed
-	$(BIN)/python -m loadtest.bench_serving
+	$(BIN)/python -m loadtest.bench_serving --classifier $(CLASSIFIER)
 
 # The text generation benchmark: streams through /v1/completions against transformers generate()
 # in process, same checkpoint (needs artifacts/generate from `make models`). Took about 2 minutes.

@@ -2,6 +2,7 @@
 
     python -m loadtest.bench_serving                   # what `make bench` runs (BENTOML_HOME: the models)
     python -m loadtest.bench_serving --seconds 5 --connections 8,32
+    python -m loadtest.bench_serving --classifier resnet50 --only reference,classify   # any stored classifier
 
 Starts, on free loopback ports and one at a time:
 * the reference (``loadtest/reference_server.py``: FastAPI + uvicorn + ONNX Runtime, same model file,
@@ -11,8 +12,12 @@ Drives each with the same load generator: ``wrk`` (HTTP/1.1, one thread) for HTT
 (HTTP/2) for gRPC, both C programs that cost the servers little CPU. Every row sends the same
 payload for its whole run: the 64x64 PNG digit (classify), the preprocessed 1x1x28x28 tensor
 (Open Inference Protocol), a 64x64 scene (segment), a 64x64 noisy photo at sigma 25 (denoise).
-Before each row one request is checked for content with a real client, and after it the server
-must still answer. Prints req/s, p50, p99 and errors per row, and the ratios to the references."""
+With ``--classifier NAME`` (any stored image classifier: an imported one too) the classify rows
+serve that model's graph, in the suite and in the references, with a 451x300 RGB photo (JPEG) as
+the payload; ONNX Runtime alone, in this process, at its best batch size, is measured first (the
+ceiling a server's overhead is counted against). Before each row one request is checked for content
+with a real client, and after it the server must still answer. Prints req/s, p50, p99 and errors
+per row, and the ratios to the references."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +42,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 def start_labelled_suite(env_overrides: dict, workdir: Path, suite_dir: Path) -> Server:
     label = "suite" + "".join(f"_{k}={v}" for k, v in env_overrides.items())
-    return start_suite(env_overrides, workdir / f"{label}.log", cwd=suite_dir)
+    server = start_suite(env_overrides, workdir / f"{label}.log", cwd=suite_dir)
+    # /readyz answers once one worker is up; a worker still loading accepts nothing, and wrk's
+    # keep-alive connections would all stay with the first. Wait for every worker's listeners.
+    from services.config import ServingConfig
+
+    workers = ServingConfig.load(environ={**os.environ, **env_overrides}, arguments={}).worker_count
+    deadline = time.monotonic() + 120
+    while server.log().count("Completed async startup hook: start_listeners") < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{workers} workers did not all start:\n{server.log()[-3000:]}")
+        time.sleep(0.2)
+    return server
 
 
 def start_reference(workers: int, model: Path, cores: int, workdir: Path) -> Server:
     port = free_port()
-    env = {**os.environ, "REFERENCE_MODEL": str(model), "REFERENCE_THREADS": str(max(1, cores // workers))}
-    command = [sys.executable, "-m", "uvicorn", "loadtest.reference_server:app", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
-    return start_server(command, port=port, env=env, cwd=REPO, ready_path="/docs",
+    ready = Path(tempfile.mkdtemp(dir=workdir))
+    env = {**os.environ, "REFERENCE_MODEL": str(model), "REFERENCE_THREADS": str(max(1, cores // workers)),
+           "REFERENCE_READY_DIR": str(ready), "REFERENCE_WORKERS": str(workers)}
+    command = [sys.executable, "-m", "loadtest.reference_server", "--port", str(port), "--workers", str(workers)]
+    return start_server(command, port=port, env=env, cwd=REPO, ready_path="/ready",
                         log_path=workdir / f"reference_{workers}w.log")
 
 
@@ -57,12 +75,14 @@ def multipart(image: bytes, **fields: str) -> tuple[bytes, str]:
     body = b""
     for name, value in fields.items():
         body += f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-    body += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-             f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+    kind = "jpeg" if image.startswith(b"\xff\xd8") else "png"
+    body += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="x.{kind}"\r\n'
+             f"Content-Type: image/{kind}\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
     return body, f"multipart/form-data; boundary={BOUNDARY}"
 
 
 def digit_tensor(png: bytes, contract) -> np.ndarray:
+    """The upload preprocessed exactly as the suite does it (the model's input tensor)."""
     from services.imaging import decode_image, to_model_input
 
     return to_model_input(decode_image(png, "image", 10 ** 8), contract.image)
@@ -163,6 +183,30 @@ def h2load_grpc(port: int, frame: bytes, connections: int, seconds: float, workd
 
 # ---- content checks -----------------------------------------------------------------------------------
 
+def onnxruntime_alone(model: Path, x: np.ndarray, threads: int, seconds: float,
+                      batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> list[tuple[int, float]]:
+    """Images/s of ONNX Runtime alone in this process (``threads`` intra-op threads, its default
+    spinning) running ``x`` (one preprocessed image) in batches of each size: no server, no
+    decoding, the ceiling for serving this graph on this machine. -> [(batch, images/s)]."""
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = []
+    for batch in batches:
+        feeds = {name: np.repeat(x, batch, axis=0)}
+        session.run(None, feeds)  # warm-up
+        images, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            session.run(None, feeds)
+            images += batch
+        out.append((batch, images / (time.perf_counter() - started)))
+    return out
+
+
 def check_classify(url: str, body: bytes, content_type: str, label: int) -> None:
     import requests
 
@@ -200,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", default="8,32", help="comma-separated connection counts")
     parser.add_argument("--suite-dir", type=Path, default=REPO, help="checkout whose service to start")
     parser.add_argument("--only", default="", help="comma-separated row groups: reference,classify,oip,batching,variants")
+    parser.add_argument("--classifier", default="classify",
+                        help="the stored classifier the reference and classify rows serve (any image classifier in the "
+                             "store, an imported one too); other than the default, only reference and classify rows")
     args = parser.parse_args(argv)
     connections = [int(c) for c in args.connections.split(",")]
     if not 0 < args.seconds <= 120 or not all(0 < c <= 512 for c in connections) or not 1 <= args.repeats <= 9:
@@ -208,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"needs {missing} (Debian: apt-get install wrk nghttp2-client)")
     groups = set(filter(None, args.only.split(","))) or {"reference", "classify", "oip", "batching", "variants"}
+    if args.classifier != "classify":
+        groups &= {"reference", "classify"}  # the other rows need the digit models
     os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))  # the Makefile's store
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -219,11 +268,22 @@ def main(argv: list[str] | None = None) -> int:
 
     cores = available_cores()
     suite_workers = ServingConfig.load(arguments={}).worker_count
-    model = Path(bentoml.models.get("classify").path) / "model.onnx"
+    model = Path(bentoml.models.get(args.classifier).path) / "model.onnx"
     contract = read_contract(model)
-    png, label = digit_png(1700)
-    classify_body, classify_type = multipart(png, top_k="5")
-    x = digit_tensor(png, contract)
+    if args.classifier == "classify":
+        png, label = digit_png(1700)
+        classify_body, classify_type = multipart(png, top_k="5")
+        x = digit_tensor(png, contract)
+        suite_env: dict[str, str] = {}
+    else:  # a photo, and the top-1 class ONNX Runtime gives it (what every server must answer)
+        png = photo_jpeg()
+        classify_body, classify_type = multipart(png, top_k="5", model=args.classifier)
+        x = digit_tensor(png, contract)
+        label = int(np.argmax(onnxruntime_output(model, x)))
+        # No time budget on the queue: a ResNet-50 request is ~80 ms of CPU, so 32 connections wait
+        # over the default 1 s and get 503 at once; the references queue without limit, so the
+        # comparison counts answered requests of both under the same (no) admission policy.
+        suite_env = {"SUITE_MODELS": args.classifier, "SUITE_MAX_QUEUE_WAIT_MS": "0"}
     oip_body, oip_headers = oip_binary(x)
     frame = grpc_frame(x)
     scene_body, scene_type = multipart(scene_png()[0])
@@ -231,9 +291,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"serving benchmark: {cores} cores, suite workers {suite_workers}, {args.repeats} runs of {args.seconds:g} s "
           f"per row (median shown), connections {connections}; load: wrk -t1 (HTTP/1.1), h2load -t1 -m1 (gRPC, HTTP/2)")
-    print(f"model {model.parent.name} ({contract.architecture}); same machine for servers and load generator")
+    print(f"model {args.classifier}:{model.parent.name} ({contract.architecture}); same machine for servers and load "
+          f"generator; suite settings {suite_env or 'defaults'}")
     rows: list[tuple[str, int, Result]] = []
     quality: dict[str, str] = {}  # row name -> the variant's held-out figure (its gate, from the store)
+    alone: list[tuple[int, float]] = []
+    if "classify" in groups:  # first, on a quiet machine: the ceiling
+        alone = onnxruntime_alone(model, x, cores, min(args.seconds, 5.0))
+        print("  onnxruntime alone, in process, " + ", ".join(f"batch {b}: {rps:.1f} images/s" for b, rps in alone),
+              flush=True)
 
     def row(name: str, c: int, measure) -> None:
         runs = sorted((measure() for _ in range(args.repeats)), key=lambda r: r.rps)
@@ -260,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             if not wanted:
                 continue
             # fp32, the graph the reference serves, whatever variants the store holds
-            suite = start_labelled_suite({"SUITE_BATCHING": batching, "SUITE_VARIANT": "fp32"}, workdir, args.suite_dir)
+            suite = start_labelled_suite({"SUITE_BATCHING": batching, "SUITE_VARIANT": "fp32", **suite_env}, workdir,
+                                         args.suite_dir)
             try:
                 if batching == "true" and "classify" in groups:
                     check_classify(suite.url, classify_body, classify_type, label)
@@ -306,7 +373,32 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     summarize(rows, suite_workers, quality)
+    if alone:
+        batch, best = max(alone, key=lambda a: a[1])
+        for name, c, r in rows:
+            if name == "suite native /classify":
+                print(f"suite /classify c={c}: {r.rps:.1f} images/s = {r.rps / best:.2f} of ONNX Runtime alone at its best "
+                      f"batch ({batch}: {best:.1f} images/s)")
     return 1 if any(r.errors for _, _, r in rows) else 0
+
+
+def onnxruntime_output(model: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0][0]
+
+
+def photo_jpeg() -> bytes:
+    """scikit-image's cat photo (451x300 RGB) as a JPEG of quality 90: what a client uploads."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def stored_variants(family: str) -> list[tuple[str, str, str]]:

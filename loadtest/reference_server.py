@@ -4,14 +4,25 @@ A FastAPI + uvicorn app doing the identical classify work on the same model file
 upload, preprocess it from the contract stored in the model (the suite's own functions, so the work
 is the same), run ONNX Runtime, answer the top-k as JSON. Started by ``loadtest/bench_serving.py``:
 
-    REFERENCE_MODEL=/path/to/model.onnx uvicorn loadtest.reference_server:app --workers 1 --no-access-log
+    REFERENCE_MODEL=/path/to/model.onnx python -m loadtest.reference_server --port 8000 --workers 2
+
+Each worker is its own uvicorn process with its own listening socket on the port (SO_REUSEPORT),
+so the kernel spreads connections over the workers evenly. ``uvicorn --workers 2`` shares one
+socket instead, and whichever worker wakes first accepts most of a burst of connections: wrk's 32
+keep-alive connections split 28/4 or worse in some runs, which left one worker idle for the whole
+run (issue 24 measured 2,089 -> 2,224 req/s from one worker to two that way; per-worker CPU time
+here showed splits from 50/50 to 33/67 between runs of the same server).
 
 It uses the same ONNX Runtime settings as the suite's sessions (cores / workers threads, no spinning)
 so that the comparison measures the serving stack, not the session options."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +41,55 @@ session = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProv
 app = FastAPI()
 
 
+INPUT = contract.inputs[0].name
+READY_DIR = os.environ.get("REFERENCE_READY_DIR")  # each worker leaves a file there once it listens
+LOGITS = not contract.extra.get("outputs_probabilities", True)  # an imported classifier's graph may end in logits
+
+
 @app.post("/classify")
 async def classify(image: UploadFile = File(...), top_k: int = Form(5)) -> dict:
     picture = decode_image(await image.read(), "image", contract.limits["max_pixels"])
-    probs = session.run(None, {"image": to_model_input(picture, contract.image)})[0][0]
+    scores = session.run(None, {INPUT: to_model_input(picture, contract.image)})[0][0]
+    probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum() if LOGITS else scores
     order = np.argsort(-probs, kind="stable")[:top_k]
     return {"model": contract.name,
             "predictions": [{"label": contract.labels[i], "class_id": int(i), "probability": float(probs[i])} for i in order]}
+
+
+@app.get("/ready")
+def ready() -> dict:
+    """200 once every worker listens (the benchmark's wait: with SO_REUSEPORT a worker still loading
+    has no socket yet, so the first connections would all go to the others)."""
+    from fastapi import HTTPException
+
+    listening = len(os.listdir(READY_DIR)) if READY_DIR else 1
+    if listening < int(os.environ.get("REFERENCE_WORKERS", "1")):
+        raise HTTPException(503, f"{listening} workers listening")
+    return {"workers": listening}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the serving benchmark's FastAPI reference")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn processes, each with its own SO_REUSEPORT socket")
+    args = parser.parse_args()
+    if args.workers > 1:  # one process per worker; this one only waits for them (and dies with them)
+        env = {**os.environ, "REFERENCE_WORKERS": str(args.workers)}
+        children = [subprocess.Popen([sys.executable, "-m", "loadtest.reference_server", "--host", args.host,
+                                      "--port", str(args.port), "--workers", "1"], env=env) for _ in range(args.workers)]
+        sys.exit(max(child.wait() for child in children))
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(2048)
+    if READY_DIR:
+        Path(READY_DIR, str(os.getpid())).touch()
+    uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="warning")).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

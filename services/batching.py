@@ -12,6 +12,11 @@ run fails, its requests are run again one by one, so one bad request never fails
 With ``max_batch_size=1`` every request runs alone, ``concurrency`` of them at a time: what
 ``batching=false`` serves, for comparison.
 
+A second batch of one model starts beside a running one only while the CPU has room (``CpuMeter``):
+it lets a worker use a core another worker leaves idle (denoise at 8 connections: 58 -> 96 req/s),
+but when every core is busy it only adds threads to share them (an imported ResNet-50 at 32
+connections: 19.0 images/s with two batches at a time, 21.3 with one, and twice the p99).
+
 Admission: a request is refused at once (503 + Retry-After) when ``max_queue`` requests are waiting
 or when its expected wait is over ``max_queue_wait_s``: the longer of how long the oldest waiting
 request has waited and the queued rows times the recent time per row. Refusing on arrival costs
@@ -69,10 +74,75 @@ def batch_rows(feeds: Tensors) -> int:
     return rows.pop()
 
 
+class CpuMeter:
+    """How busy the cores this process may use are, over the last ``window_s`` or more: the
+    cgroup's CPU time against its quota where one is set (a Kubernetes CPU limit), else the
+    kernel's per-CPU counters for the CPUs in this process's affinity. Read at most once a window
+    (a /proc read is tens of microseconds)."""
+
+    def __init__(self, window_s: float = 0.05, cgroup_root: str = "/sys/fs/cgroup"):
+        import os
+
+        from services.config import cgroup_cpu_quota
+
+        self.window_s = window_s
+        self._quota = cgroup_cpu_quota(cgroup_root)
+        self._cgroup_stat = f"{cgroup_root}/cpu.stat"
+        try:
+            self._cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        except AttributeError:
+            self._cpus = set()
+        self._last = (time.monotonic(), *self._counters())
+        self._busy = 0.0
+
+    def _counters(self) -> tuple[float, float]:
+        """(busy CPU seconds, available CPU seconds) so far; (0, 0) when unreadable."""
+        try:
+            if self._quota is not None:
+                with open(self._cgroup_stat) as f:
+                    usage = next(int(line.split()[1]) for line in f if line.startswith("usage_usec"))
+                return usage / 1e6, time.monotonic() * self._quota
+            busy = total = 0
+            with open("/proc/stat") as f:
+                for line in f:
+                    name, *fields = line.split()
+                    if name in self._cpus:
+                        ticks = [int(x) for x in fields[:8]]
+                        total += sum(ticks)
+                        busy += sum(ticks) - ticks[3] - ticks[4]  # less idle and iowait
+            return busy, total
+        except (OSError, StopIteration, ValueError):
+            return 0.0, 0.0
+
+    def busy(self) -> float:
+        """The share of the available CPU in use (0..1) over the last window."""
+        now = time.monotonic()
+        if now - self._last[0] >= self.window_s:
+            busy, total = self._counters()
+            if total > self._last[2]:
+                self._busy = min(1.0, (busy - self._last[1]) / (total - self._last[2]))
+            self._last = (now, busy, total)
+        return self._busy
+
+
+_METER: CpuMeter | None = None
+
+
+def cpu_meter() -> CpuMeter:
+    """The process's one meter (every batcher asks the same)."""
+    global _METER
+    if _METER is None:
+        _METER = CpuMeter()
+    return _METER
+
+
 class DynamicBatcher:
+    # A second concurrent batch starts only while the CPU is less busy than this.
+    CPU_ROOM = 0.8
+
     def __init__(self, name: str, run: Callable[[Tensors], Tensors], *, max_batch_size: int,
                  max_queue_delay_s: float = 0.0, max_queue: int = 256, max_queue_wait_s: float = 0.0,
-                 concurrency: int = 1, observer: BatchObserver | None = None):
+                 concurrency: int = 1, observer: BatchObserver | None = None, cpu: CpuMeter | None = None):
         if max_batch_size < 1 or max_queue < 1 or max_queue_delay_s < 0 or max_queue_wait_s < 0 or concurrency < 1:
             raise ValueError("max_batch_size, max_queue and concurrency must be >= 1, max_queue_delay_s and "
                              "max_queue_wait_s >= 0")
@@ -93,6 +163,8 @@ class DynamicBatcher:
         self._closed = False
         self._running = 0  # batches in the executor
         self.concurrency = concurrency
+        self._cpu = cpu if cpu is not None or concurrency == 1 else cpu_meter()
+        self._finished: asyncio.Event | None = None  # set whenever a batch ends
 
     async def submit(self, feeds: Tensors) -> Tensors:
         """Queues one request (validated inputs, batch-major) and waits for its rows of the outputs.
@@ -167,6 +239,7 @@ class DynamicBatcher:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                 await slots.acquire()  # while every slot is busy, the queue keeps filling
+                await self._room_for_another(running)
                 if self.max_queue_delay_s > 0:
                     await self._gather(loop)
                 batch = self._take()
@@ -176,10 +249,22 @@ class DynamicBatcher:
                     continue
                 task = loop.create_task(self._execute(loop, batch))
                 running.add(task)
-                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+                task.add_done_callback(lambda t: (running.discard(t), slots.release(), self._finished.set()))
         finally:
             for task in running:
                 task.cancel()
+
+    async def _room_for_another(self, running: set) -> None:
+        """With a batch of this model running, the next one waits until that one ends or the CPU
+        has room for it."""
+        if self._finished is None:
+            self._finished = asyncio.Event()
+        while running and self._cpu is not None and self._cpu.busy() >= self.CPU_ROOM:
+            self._finished.clear()
+            try:
+                await asyncio.wait_for(self._finished.wait(), self._cpu.window_s)
+            except asyncio.TimeoutError:
+                pass
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
         """Waits up to the delay for enough rows to fill a batch."""

@@ -58,6 +58,9 @@ class ServingConfig:
     #   models, imported models), found at start-up and, later, by model control and repository_poll_s
     default_models: bool = True  # serve each task's default model (classify, segment, ...) even before the store has
     #   it (readiness waits for it); false: serve what the store holds (a pod serving only its users' own models)
+    model_dir: str = ""  # a folder of more models, in the model store's layout (<name>/<version>/: the models/ folder
+    #   of the BENTOML_HOME `python -m export import` wrote to), read beside BentoML's store: users' own models
+    #   mounted into the container at run time
     workers: int = 0  # HTTP/gRPC worker processes; 0 = one per available core
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = available cores / workers
     inter_op_threads: int = 1

@@ -51,22 +51,56 @@ class ModelStore(Protocol):
 
 
 class BentoModelStore:
-    """The BentoML model store (``BENTOML_HOME``)."""
+    """A BentoML model store: BentoML's own (``BENTOML_HOME``, or the bento's inside its image), or
+    the one in ``folder`` (a ``models`` folder in the store's layout, ``<name>/<version>/``: what
+    ``python -m export import`` writes under its ``BENTOML_HOME``, mounted into a pod at run time)."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+
+    def _list(self, name: str | None = None) -> list:
+        import bentoml
+        from bentoml.exceptions import NotFound
+
+        try:
+            if self.folder is None:
+                return bentoml.models.list(name) if name else bentoml.models.list()
+            from bentoml._internal.models.model import ModelStore as BentoStore  # the same layout, another root
+
+            return BentoStore(str(self.folder)).list(name)
+        except (NotFound, FileNotFoundError):
+            return []
 
     def list_versions(self, name: str) -> list[StoredVersion]:
-        import bentoml
-
         found = [StoredVersion(m.tag.name, m.tag.version, Path(m.path), dict(m.info.metadata),
                                m.info.creation_time.timestamp())
-                 for m in bentoml.models.list(name)]
+                 for m in self._list(name)]
         return sorted(found, key=lambda v: v.created_at, reverse=True)
 
     def list_names(self, tasks: Iterable[str] | None = None) -> list[str]:
-        import bentoml
-
         wanted = None if tasks is None else set(tasks)
-        return sorted({m.tag.name for m in bentoml.models.list()
-                       if wanted is None or m.info.metadata.get("task") in wanted})
+        return sorted({m.tag.name for m in self._list() if wanted is None or m.info.metadata.get("task") in wanted})
+
+
+class CombinedStore:
+    """Several stores read as one (the image's own models and a mounted model folder)."""
+
+    def __init__(self, stores: list[ModelStore]):
+        self.stores = stores
+
+    def list_versions(self, name: str) -> list[StoredVersion]:
+        found = [v for store in self.stores for v in store.list_versions(name)]
+        return sorted(found, key=lambda v: v.created_at, reverse=True)
+
+    def list_names(self, tasks: Iterable[str] | None = None) -> list[str]:
+        return sorted({n for store in self.stores for n in store.list_names(tasks)})
+
+
+def model_store(config: ServingConfig) -> ModelStore:
+    """What a server reads its models from: BentoML's store, plus ``config.model_dir`` if set."""
+    if not config.model_dir:
+        return BentoModelStore()
+    return CombinedStore([BentoModelStore(), BentoModelStore(Path(config.model_dir))])
 
 
 def served_names(config: ServingConfig, store: ModelStore, defaults: tuple[str, ...] = (),

@@ -32,7 +32,7 @@ from services.frontends.openai import add_openai_routes
 from services.frontends.openapi import add_openapi_route
 from services.frontends.probes import ProbeServer, ProbeState
 from services.metrics import ServingMetrics, exposition
-from services.repository import BentoModelStore, ModelRepository, served_names
+from services.repository import ModelRepository, model_store, served_names
 from services.tasks import default_models, runners_for, task_classes
 
 log = logging.getLogger("services")
@@ -81,7 +81,7 @@ class Suite:
         # listening, which is after this start-up hook.
         if not os.environ.get("UV_TCP_SINGLE_ACCEPT"):  # "0" turns it off
             os.environ["UV_TCP_SINGLE_ACCEPT"] = "1"
-        store = BentoModelStore()
+        store = model_store(CONFIG)
         tasks, defaults = tuple(task_classes()), default_models() if CONFIG.default_models else ()
         self.metrics = ServingMetrics(served_names(CONFIG, store, defaults, tasks))
         self.repository = ModelRepository(CONFIG, store, observer_for=self.metrics.observer,

@@ -224,10 +224,23 @@ def test_close_refuses_waiting_requests():
     assert isinstance(error, ServingError) and error.status == 503
 
 
-def test_concurrency_runs_batches_side_by_side():
+class FixedMeter:
+    """A CPU meter that always reads the same share (the real one reads the machine)."""
+
+    window_s = 0.01
+
+    def __init__(self, busy: float):
+        self.value = busy
+
+    def busy(self) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize("cpu_busy, side_by_side", [(0.3, 2), (1.0, 1)])
+def test_concurrency_runs_batches_side_by_side_while_the_cpu_has_room(cpu_busy, side_by_side):
     async def main():
         model = Recorder()
-        batcher = DynamicBatcher("m", model, max_batch_size=2, concurrency=2)
+        batcher = DynamicBatcher("m", model, max_batch_size=2, concurrency=2, cpu=FixedMeter(cpu_busy))
         model.gate.clear()
         futures = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(5)]
         for _ in range(200):  # wait (up to 2 s on a slow machine) for both threads to be inside the model
@@ -235,15 +248,26 @@ def test_concurrency_runs_batches_side_by_side():
             if model.entered >= 2:
                 break
         await asyncio.sleep(0.05)
-        in_flight = model.entered  # both slots busy, the rest waits in the queue
+        in_flight = model.entered  # the slots in use; the rest waits in the queue
         model.gate.set()
         results = await asyncio.gather(*futures)
         await batcher.close()
         return model, in_flight, results
 
     model, in_flight, results = run(main())
-    assert in_flight == 2 and sum(model.batches) == 5 and max(model.batches) <= 2
+    # With every core busy a second batch would only share them: it waits for the first to end.
+    assert in_flight == side_by_side and sum(model.batches) == 5 and max(model.batches) <= 2
     assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(5)]
+
+
+def test_cpu_meter_reads_this_machine():
+    from services.batching import CpuMeter
+
+    meter = CpuMeter(window_s=0.02)
+    started = time.perf_counter()
+    while time.perf_counter() - started < 0.1:  # one core busy
+        pass
+    assert 0.0 < meter.busy() <= 1.0
 
 
 def test_unbatched_runs_each_request_alone():

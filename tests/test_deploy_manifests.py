@@ -36,8 +36,8 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
                                 reason="kubectl is not installed: it renders the kustomize overlays (`kubectl kustomize`)")
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("overlays/cpu", "overlays/gpu", "loadtest")
-SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu")
+OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "loadtest")
+SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models")
 # kubernetes-validate 1.37.0 ships schemas for 1.25 to 1.37. 1.37 is the newest; 1.33 is the oldest
 # minor that managed clusters still commonly run (extended support), and every field we use exists there.
 KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
@@ -292,8 +292,15 @@ def test_suite_manifests_agree_with_each_other_and_with_the_suite(documents, ove
 
     security = spec["securityContext"]
     assert security["runAsUser"] == security["runAsGroup"] == security["fsGroup"] == BENTO_UID_GID
-    assert {m["mountPath"] for m in suite["volumeMounts"]} == {"/tmp", "/var/lib/model-suite"}
+    writable = {m["mountPath"] for m in suite["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp", "/var/lib/model-suite"}
     env = {e["name"]: e for e in suite["env"]}
+    if overlay.endswith("own-models"):  # the users' models: a read-only claim the pods read beside their own
+        [models] = [m for m in suite["volumeMounts"] if m.get("readOnly")]
+        [volume] = [v for v in spec["volumes"] if v["name"] == models["name"]]
+        [claim] = by_kind(docs, "PersistentVolumeClaim")
+        assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+        assert env["SUITE_MODEL_DIR"]["value"].startswith(models["mountPath"] + "/")
     assert env["BENTOML_HOME"]["value"].startswith("/tmp/") and env["TMPDIR"]["value"] == "/tmp"
     assert env["SUITE_INTRA_OP_THREADS"]["value"] == "1" and env["OMP_NUM_THREADS"]["value"] == "1"
     key = env["SUITE_API_KEY"]["valueFrom"]["secretKeyRef"]

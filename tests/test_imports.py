@@ -72,8 +72,11 @@ def imported(tmp_path_factory) -> Imported:
 
 @pytest.fixture(scope="module")
 def served(imported) -> Server:
-    """The suite serving the imported models only (no defaults): two workers, model control on."""
-    server = start_suite({"BENTOML_HOME": imported.env["BENTOML_HOME"], "SUITE_DEFAULT_MODELS": "false",
+    """The suite serving the imported models only (no defaults), read from a model folder as a pod
+    mounts one (its own BentoML store is empty): two workers, model control on."""
+    server = start_suite({"BENTOML_HOME": str(imported.folder.parent / "server-home"),
+                          "SUITE_MODEL_DIR": str(Path(imported.env["BENTOML_HOME"]) / "models"),
+                          "SUITE_DEFAULT_MODELS": "false",
                           "SUITE_INTRA_OP_THREADS": "1", "SUITE_MODEL_CONTROL": "explicit", "SUITE_ADMIN_KEY": ADMIN},
                          imported.folder.parent / "serve.log", timeout=180)
     try:

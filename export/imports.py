@@ -773,7 +773,8 @@ def import_int8(name: str, calibration: Path, min_agreement: float = 0.99, store
         agreed = [agreement(contract.task, base.run(f)[output], quantized.run(f)[output], value_range) for f in feeds]
         gate = Gate("int8", "agreement with fp32", 1.0, float(np.mean(agreed)), 1 - min_agreement, True,
                     _median_ms(base.run, feeds[:8]), _median_ms(quantized.run, feeds[:8]),
-                    f"{method}; calibrated and measured on {len(feeds)} images from {calibration.name}")
+                    f"{method}; calibrated and measured on {len(feeds)} images from {calibration.name}",
+                    timed_on=f"{min(8, len(feeds))} of the calibration images")
         if gate.loss > gate.tolerance + 1e-12:
             gate.reason = (f"agrees with fp32 on {gate.value:.4f} of the answers, less than the {min_agreement:g} "
                            f"asked for")

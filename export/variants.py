@@ -60,6 +60,7 @@ class Gate:
     method: str
     passed: bool = False
     reason: str = ""
+    timed_on: str = "the export inputs"  # what both graphs were timed on
 
     @property
     def speedup(self) -> float:
@@ -72,7 +73,7 @@ class Gate:
 
     def summary(self) -> str:
         return (f"{self.metric} {self.value:.4f} against fp32's {self.fp32:.4f} (tolerance {self.tolerance:g}); "
-                f"{self.variant_ms:.2f} ms against fp32's {self.fp32_ms:.2f} ms for the export inputs on the CPU "
+                f"{self.variant_ms:.2f} ms against fp32's {self.fp32_ms:.2f} ms for {self.timed_on} on the CPU "
                 f"provider, {self.speedup:.2f}x")
 
     def as_dict(self) -> dict:

@@ -452,16 +452,21 @@ def probe_feeds(contract: ModelContract, rows: int = 2) -> dict[str, np.ndarray]
 
 # ---- the sources ---------------------------------------------------------------------------------
 
-def import_onnx(path: Path, spec: ImportSpec, name: str | None = None, store: bool = True) -> tuple[ModelContract, str | None]:
-    """An ONNX image model plus its task spec -> (contract, store tag)."""
+def load_graph(path: Path):
+    """-> (the ONNX proto, its inputs, its outputs); ImportRefused when it cannot be read."""
     import onnx
 
-    name = check_name(name or default_name(path))
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001
         raise ImportRefused(f"{path.name}: not a readable ONNX file: {exc}") from None
-    inputs, outputs = graph_io(proto)
+    return (proto, *graph_io(proto))
+
+
+def import_onnx(path: Path, spec: ImportSpec, name: str | None = None, store: bool = True) -> tuple[ModelContract, str | None]:
+    """An ONNX image model plus its task spec -> (contract, store tag)."""
+    name = check_name(name or default_name(path))
+    proto, inputs, outputs = load_graph(path)
     contract = image_contract(name, "onnx", architecture_of(proto, path), spec, inputs, outputs,
                               lambda feeds: run_graph(path, feeds))
     return finish_onnx(proto, contract, path, {"from": path.name, "spec": dataclasses.asdict(spec)}, store)
@@ -471,14 +476,8 @@ def import_tensor_model(path: Path, name: str | None = None, max_batch: int = 32
     """Any ONNX graph as a plain tensor model: inputs, outputs, datatypes and dynamic axes from the
     graph. Batched (up to ``max_batch`` rows a run) when every input's and output's first axis is
     dynamic and a probe run at two rows keeps it; else one request per run."""
-    import onnx
-
     name = check_name(name or default_name(path))
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise ImportRefused(f"{path.name}: not a readable ONNX file: {exc}") from None
-    inputs, outputs = graph_io(proto)
+    proto, inputs, outputs = load_graph(path)
     if not inputs or not outputs:
         raise ImportRefused(f"{path.name}: the graph has no inputs or no outputs")
     batched = all(t.shape[:1] == [-1] for t in inputs) and all(t.shape[:1] in ([-1], []) for t in outputs)

@@ -297,6 +297,13 @@ def shape_matches(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
     return len(shape) == len(spec.shape) and all(d < 0 or d == s for d, s in zip(spec.shape, shape))
 
 
+def check_image_inputs(contract: ModelContract, feeds: Tensors) -> None:
+    """Every 4-dimensional input against the contract's image limits."""
+    for spec in contract.inputs:
+        if len(spec.shape) == 4:
+            check_image_tensor(contract, spec.name, feeds[spec.name])
+
+
 def check_image_tensor(contract: ModelContract, name: str, array: np.ndarray) -> None:
     """(N, C, H, W) image tensors: the pixel limit counts every row, sides obey min_side/multiple_of."""
     n, _, h, w = array.shape

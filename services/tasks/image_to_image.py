@@ -16,7 +16,7 @@ from contract import ModelContract
 from services.budget import model_cost
 from services.imaging import encode_png, resized_size
 from services.repository import ModelHandle
-from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_image_tensor, cpu_work, png_answer
+from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_image_inputs, cpu_work, png_answer
 from services.tasks.images import decode_cost, image_input, open_upload
 
 
@@ -32,9 +32,7 @@ class ImageToImage(TaskHandler):
     runs_long = True  # attention over a large picture is seconds of CPU
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
-        for spec in contract.inputs:
-            if len(spec.shape) == 4:
-                check_image_tensor(contract, spec.name, feeds[spec.name])
+        check_image_inputs(contract, feeds)
 
     async def transform(self, handle: ModelHandle, image: bytes, values: dict[str, Any]) -> ImageResult:
         c = handle.contract

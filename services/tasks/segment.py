@@ -17,7 +17,7 @@ from contract import ModelContract
 from services.budget import model_cost
 from services.imaging import encode_png
 from services.repository import ModelHandle
-from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_image_tensor, cpu_work, png_answer
+from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_image_inputs, cpu_work, png_answer
 from services.tasks.images import decode_cost, image_input, open_upload
 
 STRIP_BYTES = 16 * 1024 * 1024  # the upsampled scores held at once
@@ -34,9 +34,7 @@ class Segmentation(TaskHandler):
                           png_answer("PNG mask; pixel value = class id")),)
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
-        for spec in contract.inputs:
-            if len(spec.shape) == 4:
-                check_image_tensor(contract, spec.name, feeds[spec.name])
+        check_image_inputs(contract, feeds)
 
     async def segment(self, handle: ModelHandle, image: bytes, values: dict[str, Any]) -> ImageResult:
         """-> PNG mask at the upload's size."""

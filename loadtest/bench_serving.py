@@ -81,7 +81,7 @@ def multipart(image: bytes, **fields: str) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={BOUNDARY}"
 
 
-def digit_tensor(png: bytes, contract) -> np.ndarray:
+def model_input(png: bytes, contract) -> np.ndarray:
     """The upload preprocessed exactly as the suite does it (the model's input tensor)."""
     from services.imaging import decode_image, to_model_input
 
@@ -273,12 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.classifier == "classify":
         png, label = digit_png(1700)
         classify_body, classify_type = multipart(png, top_k="5")
-        x = digit_tensor(png, contract)
+        x = model_input(png, contract)
         suite_env: dict[str, str] = {}
     else:  # a photo, and the top-1 class ONNX Runtime gives it (what every server must answer)
         png = photo_jpeg()
         classify_body, classify_type = multipart(png, top_k="5", model=args.classifier)
-        x = digit_tensor(png, contract)
+        x = model_input(png, contract)
         label = int(np.argmax(onnxruntime_output(model, x)))
         # No time budget on the queue: a ResNet-50 request is ~80 ms of CPU, so 32 connections wait
         # over the default 1 s and get 503 at once; the references queue without limit, so the

@@ -31,6 +31,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 
 from services.imaging import decode_image, to_model_input
 from services.runtime import read_contract
+from services.tasks.classify import softmax  # the suite's own, so both do the same work
 
 MODEL = Path(os.environ.get("REFERENCE_MODEL", "model.onnx"))
 contract = read_contract(MODEL)
@@ -50,7 +51,7 @@ LOGITS = not contract.extra.get("outputs_probabilities", True)  # an imported cl
 async def classify(image: UploadFile = File(...), top_k: int = Form(5)) -> dict:
     picture = decode_image(await image.read(), "image", contract.limits["max_pixels"])
     scores = session.run(None, {INPUT: to_model_input(picture, contract.image)})[0][0]
-    probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum() if LOGITS else scores
+    probs = softmax(scores) if LOGITS else scores
     order = np.argsort(-probs, kind="stable")[:top_k]
     return {"model": contract.name,
             "predictions": [{"label": contract.labels[i], "class_id": int(i), "probability": float(probs[i])} for i in order]}

@@ -45,6 +45,7 @@ class DataPlane:
         self._variant_table: dict[str, dict[str, tuple[str, float]]] | None = None
         self._body_limits: dict[Any, int] = {}  # by task (image routes), by (model, binary, json limit) (OIP)
         self._cuda: bool | None = None  # whether sessions run on CUDA (decides the auto variant)
+        self._defaults: dict[str, str | None] = {}  # task -> the model its native requests get by default
 
     # ---- health ----------------------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class DataPlane:
     async def _control(self, name: str, wanted: WantedState) -> dict:
         self._variant_table = None  # a new version may be (or stop being) a variant
         self._body_limits.clear()
+        self._defaults.clear()
         if name not in self.repository.names:  # stored since start-up (an import): served from now on
             self.repository.discover()
         self.repository.versions(name)  # 404 for a model this server does not serve
@@ -255,11 +257,16 @@ class DataPlane:
     def default_model(self, task: str) -> str | None:
         """The model a native request of ``task`` gets when it names none: the task's own default
         when this server serves it, else the first served model of the task."""
-        handler = self._handlers[task]
-        if handler.default_model in self.repository.names:
-            return handler.default_model
-        served = self.served_models(task)
-        return served[0]["name"] if served else None
+        # Asked on every native request that names no model: the scan of the store's contracts is
+        # done once per task, again after model control changes what is served.
+        if self._defaults.get(task) is None:  # none served yet: look again (a poll may have found one)
+            handler = self._handlers[task]
+            if handler.default_model in self.repository.names:
+                self._defaults[task] = handler.default_model
+            else:
+                served = self.served_models(task)
+                self._defaults[task] = served[0]["name"] if served else None
+        return self._defaults[task]
 
     async def task_handle(self, task: str, model: str | None) -> tuple[TaskHandler, ModelHandle]:
         """The handler of ``task`` and a ready handle for ``model`` ("name" or "name:version"; the

@@ -393,7 +393,8 @@ def default_name(path: Path) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:63] or "imported"
 
 
-def store_import(contract: ModelContract, onnx_path: Path, parity_max_abs_diff: float, origin: dict) -> str:
+def store_import(contract: ModelContract, onnx_path: Path, parity_max_abs_diff: float, origin: dict,
+                 extra_files: list[Path] = ()) -> str:
     """The written graph as a new version of ``contract.name``; -> its tag."""
     from export.onnx_export import store_model
     from training.artifacts import git_revision
@@ -404,7 +405,8 @@ def store_import(contract: ModelContract, onnx_path: Path, parity_max_abs_diff: 
                 "variant": "fp32", "metrics": {}, "benchmark": {},
                 # what it was imported from, as JSON text (the store's metadata takes no None)
                 "import": json.dumps(origin, default=list, sort_keys=True)}
-    return store_model(contract.name, {"task": contract.task, "source": contract.family}, metadata, onnx_path)
+    return store_model(contract.name, {"task": contract.task, "source": contract.family}, metadata, onnx_path,
+                       list(extra_files))
 
 
 def write_graph(proto, contract: ModelContract, out_path: Path, reference: Path, tolerance: float = 0.0) -> tuple[ModelContract, float]:
@@ -655,12 +657,17 @@ def huggingface_spec(folder: Path) -> tuple[str, str, ImportSpec]:
 
 
 def import_huggingface(folder: Path, name: str | None = None, store: bool = True,
-                       max_batch: int = 32) -> tuple[ModelContract, str | None]:
-    """A transformers image model folder -> (contract, store tag), exported by the suite's own
-    export routine with its parity gate."""
+                       max_batch: int = 32, **text_options) -> tuple[ModelContract, str | None]:
+    """A transformers folder -> (contract, store tag), exported by the suite's own export routine
+    with its parity gate: an image model here, a causal LM by ``export.causal_lm`` (which takes
+    ``text_options``: context_window, max_new_tokens)."""
     import torch
     import transformers
 
+    from export.causal_lm import import_causal_lm, is_causal_lm
+
+    if is_causal_lm(folder):
+        return import_causal_lm(folder, name, store, max_batch=max(max_batch, 1), **text_options)
     architecture, attribute, spec = huggingface_spec(folder)
     spec = dataclasses.replace(spec, max_batch=max_batch)
     model_class = getattr(transformers, architecture, None)
@@ -731,11 +738,13 @@ def agreement(task: str, fp32: np.ndarray, variant: np.ndarray, value_range: tup
     return float(np.mean(np.abs(np.clip((fp32 - low) * scale, 0, 255) - np.clip((variant - low) * scale, 0, 255)) <= 1.0))
 
 
-def import_int8(name: str, calibration: Path, min_agreement: float = 0.99, store: bool = True):
+def import_int8(name: str, calibration: Path, min_agreement: float = 0.99, store: bool = True, max_loss: float = 0.02):
     """``<name>-int8``: ONNX Runtime's static int8 quantization of the stored model ``name``,
     calibrated on the images in ``calibration`` and kept only when its answers agree with fp32's
     on at least ``min_agreement`` of them and it runs faster than fp32 here; else ``VariantRefused``
-    with the figures. -> (the gate, the store tag or None)."""
+    with the figures. A text model's variant is dynamic int8, gated by its next-token loss on the
+    text file ``calibration`` (within ``max_loss`` nats/token; export.causal_lm). -> (the gate, the
+    store tag or None)."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -752,11 +761,15 @@ def import_int8(name: str, calibration: Path, min_agreement: float = 0.99, store
         raise ImportRefused(f"no model {name!r} in the store; import it first") from None
     source = Path(stored.path) / ONNX_FILE
     contract = read_contract(source)
+    if contract.extra.get("variant_of"):
+        raise ImportRefused(f"{name} is itself a variant of {contract.extra['variant_of']}")
+    if contract.task == "text-generation" and contract.extra.get("decoder") == "kv-cache":
+        from export.causal_lm import import_text_int8
+
+        return import_text_int8(name, stored, calibration, max_loss, store)
     if contract.task not in IMAGE_TASKS or contract.image is None:
         raise ImportRefused(f"{name} serves {contract.task}: the int8 gate measures agreement on images, so only image "
                             f"models get one")
-    if contract.extra.get("variant_of"):
-        raise ImportRefused(f"{name} is itself a variant of {contract.extra['variant_of']}")
     feeds = calibration_feeds(contract, calibration)
     variant_name = check_name(f"{name}-int8"[:63])
     variant_contract = dataclasses.replace(contract, name=variant_name,
@@ -814,14 +827,23 @@ def main(argv: list[str]) -> int:
     onnx_cmd.add_argument("model", type=Path)
     onnx_cmd.add_argument("--spec", type=Path, required=True, help="the task spec (docs/serve-your-own-model.md)")
     hf_cmd = sources.add_parser("huggingface", help="a transformers folder (save_pretrained) of an image classifier, "
-                                                     "segmenter or image-to-image model")
+                                                     "segmenter or image-to-image model, or of a causal LM (GPT-2, "
+                                                     "Llama, Qwen2, Mistral)")
     hf_cmd.add_argument("folder", type=Path)
-    hf_cmd.add_argument("--max-batch", type=int, default=32, help="rows a session run may batch")
-    int8_cmd = sources.add_parser("int8", help="an int8 variant of a stored image model (<name>-int8), kept when it "
-                                               "agrees with fp32 on your images and runs faster")
+    hf_cmd.add_argument("--max-batch", type=int, default=32,
+                        help="rows a session run may batch (a text model: sequences decoded together)")
+    hf_cmd.add_argument("--context-window", type=int, default=2048,
+                        help="a text model's most tokens per sequence (prompt + output), at most its own")
+    hf_cmd.add_argument("--max-new-tokens", type=int, default=None,
+                        help="a text model's most generated tokens per request (default: half the window)")
+    int8_cmd = sources.add_parser("int8", help="an int8 variant of a stored model (<name>-int8), kept when it agrees "
+                                               "with fp32 on your images (a text model: on your text) and runs faster")
     int8_cmd.add_argument("model", help="the stored model's name")
     int8_cmd.add_argument("--calibration", type=Path, required=True,
-                          help="a folder of images like the ones it will serve (at least 4; up to 64 are used)")
+                          help="a folder of images like the ones it will serve (at least 4; up to 64 are used); for a "
+                               "text model, a UTF-8 text file like what it will read (at least 256 tokens)")
+    int8_cmd.add_argument("--max-loss", type=float, default=0.02,
+                          help="a text model's most next-token loss over fp32's, nats/token")
     int8_cmd.add_argument("--min-agreement", type=float, default=0.99,
                           help="the share of answers that must agree with fp32's (class, pixel class, 8-bit pixel)")
     int8_cmd.add_argument("--no-store", action="store_true", help="gate only; store nothing")
@@ -833,12 +855,14 @@ def main(argv: list[str]) -> int:
         cmd.add_argument("--name", default=None, help="the model's name in the store (default: from the file name)")
         cmd.add_argument("--no-store", action="store_true", help="check and convert only; store nothing")
     args = parser.parse_args(argv)
+    from export.causal_lm import is_causal_lm
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.source == "int8":
         from export.variants import VariantRefused
 
         try:
-            gate, tag = import_int8(args.model, args.calibration, args.min_agreement, not args.no_store)
+            gate, tag = import_int8(args.model, args.calibration, args.min_agreement, not args.no_store, args.max_loss)
         except (ImportRefused, VariantRefused) as refused:
             print(f"[{args.model}-int8] {refused}" if isinstance(refused, VariantRefused) else f"refused: {refused}")
             return 2
@@ -849,7 +873,9 @@ def main(argv: list[str]) -> int:
         if args.source == "onnx":
             contract, tag = import_onnx(args.model, read_spec(args.spec), args.name, not args.no_store)
         elif args.source == "huggingface":
-            contract, tag = import_huggingface(args.folder, args.name, not args.no_store, args.max_batch)
+            text = {"context_window": args.context_window, "max_new_tokens": args.max_new_tokens} \
+                if is_causal_lm(args.folder) else {}
+            contract, tag = import_huggingface(args.folder, args.name, not args.no_store, args.max_batch, **text)
         else:
             contract, tag = import_tensor_model(args.model, args.name, args.max_batch, not args.no_store)
     except ImportRefused as refused:

@@ -4,6 +4,8 @@
     python -m loadtest.bench_text                     # what `make bench-text` runs (BENTOML_HOME: the models)
     python -m loadtest.bench_text --streams 1,8 --seconds 10
     python -m loadtest.bench_text --models generate,generate-lstm,generate-gru   # the GPT against the recurrent models
+    python -m loadtest.bench_text --models llama-30m --reference FOLDER --constrained --schema-requests 100
+        # an imported model (python -m loadtest.random_lms llama-30m FOLDER; python -m export import huggingface FOLDER)
 
 1. In process, before any server starts: transformers ``generate()`` (PyTorch eager, sampling at
    temperature 1, exactly ``--tokens`` new tokens) from ``artifacts/generate/hf`` at batch 1 and at
@@ -40,12 +42,16 @@ PROMPTS = ["The Python standard library", "import os\nimport sys\n\n", "A list i
 
 # ---- in process ---------------------------------------------------------------------------------
 
-def load_reference(checkpoint: Path):
-    """The checkpoint's transformers model (``hf/``) and tokenizer, loaded once for both uses."""
+def load_reference(reference: Path):
+    """The reference transformers model and its tokenizer, loaded once for both uses: a transformers
+    folder (what ``python -m export import huggingface`` imported), or a training checkpoint (its
+    ``hf/`` copy and ``tokenizer.json``)."""
     from tokenizers import Tokenizer
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    return GPT2LMHeadModel.from_pretrained(checkpoint / "hf").eval(), Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    folder = reference if (reference / "config.json").is_file() else reference / "hf"
+    return (AutoModelForCausalLM.from_pretrained(folder).eval(),
+            Tokenizer.from_file(str(reference / "tokenizer.json")))
 
 
 def transformers_rates(model, tokenizer, tokens: int, repeats: int) -> dict[int, float]:
@@ -71,12 +77,17 @@ def transformers_rates(model, tokenizer, tokens: int, repeats: int) -> dict[int,
 
 
 def transformers_greedy(model, tokenizer, prompt: str, tokens: int) -> str:
+    """Greedy tokens past any end-of-text token (the server's ignore_eos), decoded."""
+    import copy
+
     import torch
 
     x = torch.tensor([tokenizer.encode(prompt).ids])
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id, config.do_sample, config.temperature, config.top_p, config.top_k = None, False, None, None, None
     with torch.no_grad():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, generation_config=config,
+                             pad_token_id=0)
     return tokenizer.decode(out[0, x.shape[1]:].tolist())
 
 
@@ -90,12 +101,29 @@ class StreamStats:
     ttft: list[float] = field(default_factory=list)
 
 
+# Constrained decoding's cost: JSON records that never have to end (an unbounded array), so every
+# request still runs its full length and the two runs differ only in the masks.
+RECORDS = {"type": "array", "items": {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}}
+# The schema-validity check: every answer must parse and validate (bounded, so it can finish).
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "minLength": 1, "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.(com|org)$"},
+    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3}, "active": {"type": "boolean"}},
+    "required": ["name", "age", "email", "tags", "active"], "additionalProperties": False}
+
+
 async def one_stream(port: int, prompt: str, tokens: int, deadline: float, stats: StreamStats,
-                     model: str = "generate") -> None:
+                     model: str = "generate", constrained: bool = False) -> None:
     """Back-to-back streamed completions on a keep-alive connection until ``deadline`` (a new
     connection when the server asks to close one)."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 1.0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    request_body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 1.0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if constrained:
+        request_body["response_format"] = {"type": "json_schema", "json_schema": {"name": "records", "schema": RECORDS}}
+    body = json.dumps(request_body).encode()
     request = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     connection = None
@@ -142,12 +170,38 @@ async def one_stream(port: int, prompt: str, tokens: int, deadline: float, stats
 
 
 async def run_streams(port: int, streams: int, tokens: int, seconds: float,
-                      model: str = "generate") -> tuple[float, StreamStats]:
+                      model: str = "generate", constrained: bool = False) -> tuple[float, StreamStats]:
     stats = StreamStats()
     started = time.perf_counter()
-    await asyncio.gather(*(one_stream(port, PROMPTS[i % len(PROMPTS)], tokens, started + seconds, stats, model)
-                           for i in range(streams)))
+    await asyncio.gather(*(one_stream(port, PROMPTS[i % len(PROMPTS)], tokens, started + seconds, stats, model,
+                                      constrained) for i in range(streams)))
     return stats.tokens / (time.perf_counter() - started), stats
+
+
+def schema_validity(port: int, model: str, requests_count: int, concurrency: int = 8) -> tuple[int, int, int]:
+    """``requests_count`` chat completions (a completion prompt for a model without a chat
+    template) under ``PERSON`` at temperature 1, eight at a time -> (valid, finished by the
+    grammar, requests)."""
+    import concurrent.futures
+
+    import jsonschema
+    import requests
+
+    def one(seed: int) -> tuple[bool, bool]:
+        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=300, json={
+            "model": model, "prompt": PROMPTS[seed % len(PROMPTS)], "max_tokens": 200, "temperature": 1.0,
+            "seed": seed, "response_format": fmt}).json()
+        choice = answer["choices"][0]
+        try:
+            jsonschema.validate(json.loads(choice["text"]), PERSON)
+            return True, choice["finish_reason"] == "stop"
+        except (ValueError, jsonschema.ValidationError):
+            return False, choice["finish_reason"] == "stop"
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests_count)))
+    return sum(v for v, _ in results), sum(s for _, s in results), requests_count
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -161,16 +215,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--seconds", type=float, default=20.0, help="per stream count")
     parser.add_argument("--repeats", type=int, default=3, help="generate() runs per batch size (median)")
-    parser.add_argument("--checkpoint", type=Path, default=REPO / "artifacts" / "generate",
-                        help="training output with hf/ and tokenizer.json")
+    parser.add_argument("--reference", "--checkpoint", dest="checkpoint", type=Path,
+                        default=REPO / "artifacts" / "generate",
+                        help="what generate() runs: a training checkpoint (hf/ and tokenizer.json) or the transformers "
+                             "folder the first model was imported from")
     parser.add_argument("--models", default="generate",
-                        help="comma-separated stored text models to stream from (the GPT's checkpoint is the reference)")
+                        help="comma-separated stored text models to stream from (the first is the reference's)")
+    parser.add_argument("--constrained", action="store_true",
+                        help="also stream under a JSON schema (response_format) and report the cost in tokens/s")
+    parser.add_argument("--schema-requests", type=int, default=0,
+                        help="this many json_schema completions at temperature 1, each answer validated")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    if not (args.checkpoint / "hf").is_dir():
-        print(f"{args.checkpoint / 'hf'} is missing: train the text model first (make models)", file=sys.stderr)
+    if not (args.checkpoint / "hf").is_dir() and not (args.checkpoint / "config.json").is_file():
+        print(f"{args.checkpoint}: neither a checkpoint with hf/ nor a transformers folder (make models, or "
+              "python -m export import huggingface FOLDER)", file=sys.stderr)
         return 2
 
     print(f"machine: {os.cpu_count()} cores; {args.tokens} new tokens per request\n", flush=True)
@@ -182,12 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.servers import start_suite
 
     # fp32 for a plain model name (the reference is the fp32 checkpoint); variants by their own names
-    server = start_suite({"SUITE_VARIANT": "fp32"}, Path(tempfile.mkdtemp(prefix="bench-text-")) / "suite.log", cwd=REPO)
+    # Only the measured models are served (a store may hold more).
+    server = start_suite({"SUITE_VARIANT": "fp32", "SUITE_MODELS": ",".join(m.partition(":")[0] for m in models)},
+                         Path(tempfile.mkdtemp(prefix="bench-text-")) / "suite.log", cwd=REPO)
     port = int(server.url.rsplit(":", 1)[1])
-    rows = []
+    rows, validity = [], None
     try:
         served = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
-            "model": "generate", "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True}).json()
+            "model": models[0], "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True}).json()
         expected = transformers_greedy(model, tokenizer, PROMPTS[1], 24)
         same = served["choices"][0]["text"] == expected
         print(f"served model {served['model']}: greedy text {'equals' if same else 'DIFFERS FROM'} the checkpoint's "
@@ -195,10 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         for name in models:
             asyncio.run(run_streams(port, 2, 16, 1.0, name))  # warm-up
             for streams in [int(s) for s in args.streams.split(",")]:
-                rate, stats = asyncio.run(run_streams(port, streams, args.tokens, args.seconds, name))
-                rows.append((name, streams, rate, stats))
-                print(f"suite {name} {streams} streams: {rate:.0f} tokens/s, {stats.requests} requests, "
-                      f"{stats.errors} errors", flush=True)
+                for constrained in ((False, True) if args.constrained else (False,)):
+                    rate, stats = asyncio.run(run_streams(port, streams, args.tokens, args.seconds, name, constrained))
+                    label = name + (" +json_schema" if constrained else "")
+                    rows.append((label, streams, rate, stats))
+                    print(f"suite {label} {streams} streams: {rate:.0f} tokens/s, {stats.requests} requests, "
+                          f"{stats.errors} errors", flush=True)
+        if args.schema_requests:
+            validity = schema_validity(port, models[0], args.schema_requests)
+            print(f"json_schema at temperature 1: {validity[0]}/{validity[2]} answers valid "
+                  f"({validity[1]} ended by the grammar)", flush=True)
     finally:
         server.stop()
 
@@ -211,14 +280,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| suite /v1/completions stream=true | {name} | {streams} | {rate:.0f} | "
               f"{percentile(stats.ttft, 0.5) * 1e3:.0f} | {percentile(stats.ttft, 0.99) * 1e3:.0f} | {stats.requests} | "
               f"{stats.errors} | {rate / reference[1]:.2f}x | {rate / reference[8]:.2f}x |")
-    by = {streams: rate for name, streams, rate, _ in rows if name == "generate"}
-    print("\nGoals:")
+    by = {streams: (rate, stats) for name, streams, rate, stats in rows if name == models[0]}
+    guided = {streams: rate for name, streams, rate, _ in rows if name == models[0] + " +json_schema"}
+    print(f"\nGoals ({models[0]}):")
     if 1 in by:
-        print(f"- one stream >= 4x generate() batch 1: {by[1] / reference[1]:.2f}x")
+        print(f"- one stream >= 4x generate() batch 1: {by[1][0] / reference[1]:.2f}x")
     if by.get(1) and 8 in by:
-        print(f"- 8 streams >= 3x one stream: {by[8] / by[1]:.2f}x; >= 2x generate() batch 8: {by[8] / reference[8]:.2f}x")
+        print(f"- 8 streams >= 3x one stream: {by[8][0] / by[1][0]:.2f}x; >= 2x generate() batch 8: "
+              f"{by[8][0] / reference[8]:.2f}x")
+        print(f"- TTFT p50 at 8 streams <= 1.5x one stream's: "
+              f"{percentile(by[8][1].ttft, 0.5) / percentile(by[1][1].ttft, 0.5):.2f}x")
     if by.get(8) and 32 in by:
-        print(f"- 32 streams not below 8 streams: {by[32] / by[8]:.2f}x")
+        print(f"- 32 streams not below 8 streams: {by[32][0] / by[8][0]:.2f}x")
+    for streams, rate in guided.items():
+        print(f"- json_schema costs <= 15 % of tokens/s at {streams} streams: "
+              f"{(1 - rate / by[streams][0]) * 100:.1f} %")
+    if validity:
+        print(f"- 100 % schema-valid JSON at temperature 1: {validity[0]}/{validity[2]}")
     return 0
 
 

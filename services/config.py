@@ -113,6 +113,10 @@ class ServingConfig:
     text_max_live: int = 32  # sequences a text model decodes together per worker (capped by its contract's max_batch)
     text_max_waiting: int = 64  # text requests waiting for a row per worker; more are refused with 503 / UNAVAILABLE
     text_prefill_tokens: int = 2048  # padded prompt tokens prefilled in one session run (bounds the others' stall)
+    text_max_choices: int = 8  # n: choices per prompt of one OpenAI request
+    text_max_inputs: int = 32  # prompts of one completions request, inputs of one embeddings request
+    text_prompt_logprobs_elements: int = 16_000_000  # prompt tokens x vocabulary of an echo-with-logprobs request
+    #   (its every prompt position's logits at once: 64 MB at this limit)
     text_stream_interval_ms: float = 10.0  # a stream's reader is woken at most this often (first and last chunk at
     #   once); text in between goes out joined. Measured at 8 streams: 2,100-2,600 tokens/s with 0, 3,100 with 10
     variant: str = "auto"  # which export variant answers a request that names a model without a version: fp32, int8,
@@ -219,7 +223,8 @@ class ServingConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("inter_op_threads", "max_batch_size", "max_queue", "max_body_bytes", "batch_concurrency",
-                     "text_max_live", "text_prefill_tokens", "max_json_bytes", "tile_size", "max_connections"):
+                     "text_max_live", "text_prefill_tokens", "max_json_bytes", "tile_size", "max_connections",
+                     "text_max_choices", "text_max_inputs", "text_prompt_logprobs_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("header_timeout_s", "body_timeout_s"):

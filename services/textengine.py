@@ -31,7 +31,9 @@ import numpy as np
 
 from contract import ModelContract
 from services.errors import ServingError, bad_request, unavailable
-from services.textgen import Chunk, Completion, Detokenizer, RowSampler, SamplingParams
+from services.guidance import ModelGuidance
+from services.textgen import (Chunk, Completion, Detokenizer, RowSampler, SamplingParams, TokenLogprob, TokenTexts,
+                              token_logprob)
 
 log = logging.getLogger("services.textengine")
 SLOT_BLOCK = 32  # cache slots are added (and dropped) this many at a time
@@ -51,6 +53,7 @@ class EngineLimits:
     # A reader is woken at most this often (its first and last chunk at once); what arrives in
     # between goes out joined. Fewer wake-ups and writes per token, at the cost of coarser chunks.
     stream_interval_s: float = 0.0
+    prompt_logprobs_elements: int = 16_000_000  # prompt tokens x vocabulary of one echo-with-logprobs request (64 MB)
 
 
 class EngineObserver:
@@ -69,14 +72,19 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, engine: "TextEngine", prompt_ids: list[int], params: SamplingParams,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, matcher=None):
         self.id = next(self._ids)
         self.engine = engine
         self.prompt_ids = prompt_ids
         self.params = params
         self.loop = loop
         self.sampler = RowSampler(params, prompt_ids, engine.vocab)
-        self.detokenizer = Detokenizer(engine.tokenizer, params.stop)
+        self.detokenizer = Detokenizer(engine.tokenizer, params.stop, prompt_ids)
+        self.matcher = matcher  # the constraint's llguidance matcher, or None
+        # echo with logprobs: each prompt token's log-probability given the ones before it (prefilled alone)
+        self.wants_prompt_logprobs = False
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None  # not yet in a chunk
         self.generated = 0
         self.last_token = prompt_ids[-1]
         self.finish_reason: str | None = None
@@ -98,22 +106,35 @@ class Sequence:
 
     # ---- engine thread ----
 
-    def add_token(self, token: int) -> None:
+    def add_token(self, token: int, logits: np.ndarray) -> None:
+        """The token chosen from ``logits`` (this row's): ends the sequence at an end-of-text token,
+        a stop string, a finished constraint or the length limit; queues the text that became
+        complete (with the log-probabilities since the last chunk, when asked)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         params = self.params
-        if token == self.engine.end_of_text and not params.ignore_eos:
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, params.logprobs))
+        if token in self.engine.end_ids and not params.ignore_eos:
             self.finish_reason = "stop"
         else:
             self.generated += 1
             self.last_token = token
+            if self.matcher is not None and (not self.matcher.consume_token(token) or self.matcher.is_stopped()):
+                self.finish_reason = "stop"  # the constraint is complete: nothing but the end may follow
             if self.detokenizer.push(token):
                 self.finish_reason = "stop"
-            elif self.generated >= params.max_new_tokens:
+            elif self.finish_reason is None and self.generated >= params.max_new_tokens:
                 self.finish_reason = "length"
         text = self.detokenizer.take(final=self.finish_reason is not None)
         if text or self.finish_reason is not None:
-            self.pending.append(Chunk(text, self.finish_reason, len(self.prompt_ids), self.generated))
+            logprobs = self.logprobs
+            if logprobs is not None:
+                self.logprobs = []
+            chunk = Chunk(text, self.finish_reason, len(self.prompt_ids), self.generated, logprobs)
+            if self.prompt_logprobs is not None:  # with the first chunk
+                chunk.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+            self.pending.append(chunk)
 
     def fail(self, error: ServingError) -> None:
         self.error = error
@@ -131,11 +152,15 @@ class Sequence:
                     await self.ready.wait()
                     self.ready.clear()
                 if self.pending:
-                    text, last = [], None
+                    text, last, logprobs, prompt_logprobs = [], None, None, None
                     while self.pending:
                         last = self.pending.popleft()
                         text.append(last.text)
-                    yield Chunk("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+                        if last.logprobs is not None:
+                            logprobs = (logprobs or []) + last.logprobs
+                        prompt_logprobs = prompt_logprobs or last.prompt_logprobs
+                    yield Chunk("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, logprobs,
+                                prompt_logprobs)
                     if last.finish_reason is not None:
                         return
                 elif self.error is not None:
@@ -145,11 +170,15 @@ class Sequence:
                 self.cancel()
 
     async def complete(self) -> Completion:
-        text, last = [], None
+        text, last, logprobs, prompt_logprobs = [], None, None, None
         async for chunk in self.chunks():
             text.append(chunk.text)
+            if chunk.logprobs is not None:
+                logprobs = (logprobs or []) + chunk.logprobs
+            prompt_logprobs = prompt_logprobs or chunk.prompt_logprobs
             last = chunk
-        return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, logprobs,
+                          prompt_logprobs)
 
 
 class TextEngine:
@@ -165,10 +194,19 @@ class TextEngine:
                              f"re-export it: python -m export {contract.family}")
         self.name = name
         self.run = run
+        self.contract = contract
         extra = contract.extra
-        self.tokenizer = Tokenizer.from_file(str(folder / extra["tokenizer_file"]))
-        self.end_of_text = self.tokenizer.token_to_id(extra["end_of_text"])
+        tokenizer_json = (folder / extra["tokenizer_file"]).read_text(encoding="utf-8")
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        # The tokens that end a generation: the model's own list (generation_config.json), else its
+        # end-of-text token; an empty prompt starts from the beginning-of-text token, else that.
+        self.end_ids = frozenset(extra.get("eos_token_ids") or [self.tokenizer.token_to_id(extra["end_of_text"])])
+        bos = extra.get("bos_token_id")
+        self.start_token = bos if bos is not None else min(self.end_ids)
+        self.sampling_defaults = extra.get("sampling_defaults", {})
         self.vocab = contract.output("logits").shape[-1]
+        self.guidance = ModelGuidance(tokenizer_json, self.vocab, sorted(self.end_ids))
+        self.token_texts = TokenTexts(self.tokenizer)
         self.window = contract.limits["context_window"]
         self.cap = contract.limits["max_new_tokens"]
         self.max_prompt_chars = contract.limits["max_prompt_chars"]
@@ -179,6 +217,8 @@ class TextEngine:
             raise ValueError(f"{name}: decoder {decoder!r} is not one this engine keeps ({', '.join(DECODER_STATES)})")
         self._state = DECODER_STATES[decoder](contract, self._run, self.limits.max_live)
         self._waiting: collections.deque[Sequence] = collections.deque()
+        self._jobs: collections.deque = collections.deque()  # embedding requests: (prompts, future)
+        self.pooling = extra.get("pooling", "mean")
         self._live: list[Sequence] = []
         self._wake = threading.Condition()
         self._closed = False
@@ -187,24 +227,50 @@ class TextEngine:
 
     # ---- requests (event loop) ----------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
-        if len(prompt) > self.max_prompt_chars:
-            raise bad_request("prompt", f"{len(prompt)} characters; the limit is {self.max_prompt_chars}")
-        ids = self.tokenizer.encode(prompt).ids if prompt else []
+    def tokenize(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        """Text -> token ids (special tokens such as a beginning-of-text one added as the model's
+        tokenizer adds them, unless the text is a rendered chat, which carries its own)."""
+        if len(text) > self.max_prompt_chars:
+            raise bad_request(field, f"{len(text)} characters; the limit is {self.max_prompt_chars}")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids if text else []
+
+    def encode_prompt(self, prompt: str | list[int], max_new_tokens: int, field: str = "prompt") -> list[int]:
+        """A prompt (text, or token ids already) checked against the window."""
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, field=field)
+        else:
+            ids = list(prompt)
+            if any(not 0 <= i < self.vocab for i in ids):
+                raise bad_request(field, f"token ids must be in 0..{self.vocab - 1}")
         if not ids:
-            ids = [self.end_of_text]  # an empty prompt starts a fresh document
+            ids = [self.start_token]  # an empty prompt starts a fresh document
         if len(ids) + max_new_tokens > self.window:
-            raise bad_request("prompt", f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
-                                        f"context window of {self.window} tokens")
+            raise bad_request(field, f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
+                                     f"context window of {self.window} tokens")
         return ids
 
-    def submit(self, requests: list[tuple[str, SamplingParams]]) -> list[Sequence]:
-        """Queues requests (all or none): checks each, refuses with 503 when the waiting room is full."""
+    def matchers(self, params: list[SamplingParams]) -> list:
+        """The constraints' compiled matchers (None where a request has none); 400 for one that
+        cannot be met. Compiling takes milliseconds: call it off the event loop."""
+        return [self.guidance.matcher(p.guide) if p.guide is not None else None for p in params]
+
+    def submit(self, requests: list[tuple[str | list[int], SamplingParams]], matchers: list | None = None,
+               prompt_logprobs: bool = False) -> list[Sequence]:
+        """Queues requests (all or none): checks each, refuses with 503 when the waiting room is full.
+        Constrained requests need their ``matchers`` (from ``matchers``), compiled beforehand.
+        ``prompt_logprobs``: each prompt token's log-probability too (echo with logprobs)."""
         loop = asyncio.get_running_loop()
         sequences = []
-        for prompt, params in requests:
+        matchers = matchers or [None] * len(requests)
+        for (prompt, params), matcher in zip(requests, matchers):
             params.validate(self.cap)
-            sequences.append(Sequence(self, self.encode_prompt(prompt, params.max_new_tokens), params, loop))
+            if params.guide is not None and matcher is None:
+                raise ValueError("a constrained request needs its compiled matcher (TextEngine.matchers)")
+            seq = Sequence(self, self.encode_prompt(prompt, params.max_new_tokens), params, loop, matcher)
+            if prompt_logprobs:
+                self._check_prompt_logprobs(len(seq.prompt_ids))
+                seq.wants_prompt_logprobs = True
+            sequences.append(seq)
         with self._wake:
             if self._closed:
                 raise unavailable("model", f"{self.name} is shutting down", retry_after=1)
@@ -216,6 +282,56 @@ class TextEngine:
             self.observer.sequences(len(self._live), len(self._waiting))
             self._wake.notify()
         return sequences
+
+    def _check_prompt_logprobs(self, tokens: int) -> None:
+        if not getattr(self._state, "every_position", False):
+            raise bad_request("echo", f"{self.name}'s graph cannot return prompt log-probabilities (re-export it)")
+        if tokens * self.vocab > self.limits.prompt_logprobs_elements:
+            raise bad_request("echo", f"prompt log-probabilities of {tokens} tokens x {self.vocab} vocabulary exceed the "
+                                      f"limit of {self.limits.prompt_logprobs_elements} values; shorten the prompt")
+
+    async def embed(self, inputs: list[str | list[int]], field: str = "input") -> tuple[np.ndarray, int]:
+        """Embeddings of texts or token-id lists: the model's pooling (mean, or the last token) of its
+        last hidden state, L2-normalised, run by the engine thread between decoding steps.
+        -> ((len(inputs), hidden) float32, tokens used)."""
+        if not hasattr(self._state, "hidden"):
+            raise bad_request("model", f"{self.name} has no hidden-state output to embed with")
+        prompts = [self.encode_prompt(text, 0, field) for text in inputs]
+        future = asyncio.get_running_loop().create_future()
+        with self._wake:
+            if self._closed:
+                raise unavailable("model", f"{self.name} is shutting down", retry_after=1)
+            if len(self._jobs) >= self.limits.max_waiting:
+                raise unavailable("model", f"{self.name} is busy: {len(self._jobs)} embedding requests waiting",
+                                  retry_after=1)
+            self._jobs.append((prompts, future))
+            self._wake.notify()
+        vectors = await future
+        return vectors, sum(map(len, prompts))
+
+    def _run_jobs(self) -> None:
+        """The embedding requests waiting: their prompts in runs of at most prefill_tokens padded tokens."""
+        while True:
+            with self._wake:
+                if not self._jobs:
+                    return
+                prompts, future = self._jobs.popleft()
+            try:
+                vectors, run = [], []
+                for prompt in [*prompts, None]:
+                    if prompt is None or (run and max(map(len, [*run, prompt])) * (len(run) + 1) > self.limits.prefill_tokens):
+                        vectors.append(self._state.hidden(run, self.pooling))
+                        run = []
+                    if prompt is not None:
+                        run.append(prompt)
+                result = np.concatenate(vectors)
+                result /= np.maximum(np.linalg.norm(result, axis=1, keepdims=True), 1e-12)
+                future.get_loop().call_soon_threadsafe(_settle, future, result, None)
+            except Exception:  # noqa: BLE001 - the caller gets it, the loop goes on
+                log.exception("%s: an embedding run failed", self.name)
+                future.get_loop().call_soon_threadsafe(
+                    _settle, future, None, ServingError(None, "internal error while embedding; the server log has "
+                                                              "the details", 500))
 
     def admission_error(self) -> ServingError | None:
         """Why a request arriving now would be refused (503), or None; asked before reading its body."""
@@ -249,11 +365,12 @@ class TextEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._waiting and not self._live:
+                while not self._closed and not self._waiting and not self._live and not self._jobs:
                     self._wake.wait()
                 if self._closed:
                     break
                 admitted = self._admit()
+            self._run_jobs()
             try:
                 self._retire()
                 if admitted:
@@ -290,6 +407,10 @@ class TextEngine:
             if seq.cancelled:
                 self._waiting.popleft()
                 continue
+            if seq.wants_prompt_logprobs:  # prefilled alone: its every position's logits are returned
+                if not admitted:
+                    admitted.append(self._waiting.popleft())
+                break
             wider = max(width, len(seq.prompt_ids))
             if admitted and wider * (len(admitted) + 1) > self.limits.prefill_tokens:
                 break
@@ -301,7 +422,13 @@ class TextEngine:
 
     def _prefill(self, admitted: list[Sequence]) -> None:
         """Runs the new rows' prompts into the rows after the live ones and samples their first token."""
-        logits = self._state.prefill([s.prompt_ids for s in admitted])
+        every = admitted[0].wants_prompt_logprobs
+        logits = self._state.prefill([s.prompt_ids for s in admitted], every)
+        if every:
+            seq = admitted[0]
+            top = seq.params.logprobs or 0
+            seq.prompt_logprobs = [None, *(token_logprob(logits[0, i], token, top)
+                                           for i, token in enumerate(seq.prompt_ids[1:]))]
         self._live = self._live + admitted
         self._sample(admitted, logits)
 
@@ -319,10 +446,15 @@ class TextEngine:
         return outputs
 
     def _sample(self, sequences: list[Sequence], logits: np.ndarray) -> None:
-        for seq, row in zip(sequences, logits[:, -1]):
+        rows = logits[:, -1]
+        guided = [i for i, seq in enumerate(sequences) if seq.matcher is not None and not seq.cancelled]
+        allowed: dict[int, np.ndarray] = {}
+        if guided:  # every constrained row's mask in one parallel call
+            allowed = dict(zip(guided, self.guidance.masks([sequences[i].matcher for i in guided])))
+        for i, (seq, row) in enumerate(zip(sequences, rows)):
             if not seq.cancelled:
                 first = seq.first_token_at is None
-                seq.add_token(seq.sampler.next(row))
+                seq.add_token(seq.sampler.next(row, allowed.get(i)), row)
                 if first:
                     self.observer.first_token(seq.first_token_at - seq.submitted)
         self._deliver(sequences)
@@ -385,14 +517,21 @@ class KVCache:
         extra = contract.extra
         self.run, self.max_live = run, max_live
         self.window = contract.limits["context_window"]
-        self.n_head, self.head_dim = extra["n_head"], extra["head_dim"]
+        self.n_head, self.head_dim = extra.get("n_kv_head", extra["n_head"]), extra["head_dim"]
+        # Graphs since generate's graph_version 4 say which positions' logits to compute
+        self._logit_index = any(t.name == "logit_index" for t in contract.inputs)
         self._past_names = [f"past.{i}.{kv}" for i in range(extra["n_layer"]) for kv in ("key", "value")]
         self._new_names = [n.replace("past", "new") for n in self._past_names]
         self._cache = self._allocate(1, SLOT_BLOCK)  # per past name: (rows, heads, slots, head_dim)
         self._lengths = np.zeros(0, np.int64)  # real slots of each live row
 
-    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
-        """The prompts together (left-padded) into new rows after the live ones; their logits."""
+    @property
+    def every_position(self) -> bool:
+        """Whether the graph returns the logits of chosen positions (prompt log-probabilities)."""
+        return self._logit_index
+
+    def _fresh(self, prompts: list[list[int]], every_position: bool = False):
+        """Left-padded feeds for prompts with no past; -> (feeds, lengths, width)."""
         width = max(len(p) for p in prompts)
         rows = len(prompts)
         ids = np.zeros((rows, width), np.int64)
@@ -404,8 +543,24 @@ class KVCache:
             positions[i, width - n:] = np.arange(n)
         mask = (np.arange(width) >= (width - lengths)[:, None]).astype(np.int64)
         empty = np.zeros((rows, self.n_head, 0, self.head_dim), np.float32)
+        index = {"logit_index": np.arange(width, dtype=np.int64)} if every_position else self._last(width)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                 **{name: empty for name in self._past_names}}
+                 **index, **{name: empty for name in self._past_names}}
+        return feeds, lengths, width
+
+    def hidden(self, prompts: list[list[int]], pooling: str) -> np.ndarray:
+        """One run of ``prompts`` that leaves the cache alone: their pooled last hidden states."""
+        feeds, lengths, width = self._fresh(prompts)
+        hidden = self.run(feeds, len(prompts))["hidden"]
+        if pooling == "last":
+            return hidden[:, -1].astype(np.float32)
+        return np.stack([hidden[i, width - n:].mean(axis=0) for i, n in enumerate(lengths)]).astype(np.float32)
+
+    def prefill(self, prompts: list[list[int]], every_position: bool = False) -> np.ndarray:
+        """The prompts together (left-padded) into new rows after the live ones; their logits (the
+        last position's, or every position's for one prompt)."""
+        feeds, lengths, width = self._fresh(prompts, every_position)
+        rows = len(prompts)
         outputs = self.run(feeds, rows)
         first = len(self._lengths)
         self._ensure(first + rows, width)
@@ -422,7 +577,7 @@ class KVCache:
         rows, slots = len(lengths), self._cache[0].shape[2]
         mask = np.ones((rows, slots + 1), np.int64)
         mask[:, :slots] = self._slot_index[:slots] < lengths[:, None]
-        feeds = {"input_ids": tokens, "attention_mask": mask, "position_ids": lengths[:, None].copy(),
+        feeds = {"input_ids": tokens, "attention_mask": mask, "position_ids": lengths[:, None].copy(), **self._last(1),
                  **{name: cache[:rows] for name, cache in zip(self._past_names, self._cache)}}
         outputs = self.run(feeds, rows)
         self._ensure(rows, int(lengths.max()) + 1)
@@ -431,6 +586,9 @@ class KVCache:
             cache[index, :, lengths] = outputs[name][:, :, 0]
         self._lengths = lengths + 1
         return outputs["logits"]
+
+    def _last(self, width: int) -> dict[str, np.ndarray]:
+        return {"logit_index": np.array([width - 1], np.int64)} if self._logit_index else {}
 
     def move(self, source: int, target: int) -> None:
         for cache in self._cache:
@@ -481,7 +639,7 @@ class RecurrentState:
         self._rows = 0
         self._arrays = self._allocate(1)
 
-    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
+    def prefill(self, prompts: list[list[int]], every_position: bool = False) -> np.ndarray:
         first = self._rows
         self._ensure(first + len(prompts))
         by_length: dict[int, list[int]] = {}
@@ -534,6 +692,11 @@ class RecurrentState:
 
 # contract.extra["decoder"] -> what keeps that graph's memory between steps
 DECODER_STATES = {"kv-cache": KVCache, "recurrent": RecurrentState}
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)
 
 
 def _set_ready(sequences: list[Sequence]) -> None:

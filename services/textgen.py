@@ -14,8 +14,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from services.errors import bad_request
+from services.guidance import GuideSpec, parse_guide
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 100
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 MIN_REPETITION_PENALTY = 0.01
@@ -37,6 +39,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks), as vLLM's option
+    # None: no log-probabilities; k >= 0: each generated token's, plus the k most likely alternatives
+    logprobs: int | None = None
+    guide: GuideSpec | None = None  # structured output (services/guidance.py)
 
     def validate(self, cap: int) -> "SamplingParams":
         if not 1 <= self.max_new_tokens <= cap:
@@ -59,21 +64,31 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise bad_request(name, f"must be between -2 and 2, got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad_request("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         return self
 
 
 NUMBER_FIELDS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
-                 "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float}
+                 "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "logprobs": int}
 BOOL_FIELDS = ("ignore_eos",)
-SAMPLING_FIELDS = (*NUMBER_FIELDS, *BOOL_FIELDS, "stop")
+GUIDE_FIELDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+SAMPLING_FIELDS = (*NUMBER_FIELDS, *BOOL_FIELDS, "stop", *GUIDE_FIELDS)
+# What a model's generation_config.json may set as defaults (vLLM reads the same ones)
+DEFAULTABLE = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
-def parse_sampling(values: Mapping[str, Any], cap: int) -> SamplingParams:
+def parse_sampling(values: Mapping[str, Any], cap: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
     """Sampling parameters from a JSON body (native /generate, OpenAI /v1/completions after renaming)
     or request parameters (Open Inference Protocol, REST or gRPC) -> validated SamplingParams; a
     missing seed gets a random one, which the responses echo. ``stop`` is a string, a list of
-    strings, or a JSON list in a string (gRPC parameters cannot hold lists). Unknown keys are the
-    caller's business."""
+    strings, or a JSON list in a string (gRPC parameters cannot hold lists); the constraint fields
+    are ``services.guidance.parse_guide``'s. ``defaults`` (the model's own, from its
+    generation_config.json) fill what the request leaves out. Unknown keys are the caller's
+    business."""
+    asked_length = values.get("max_new_tokens") is not None
+    if defaults:
+        values = {**{k: v for k, v in defaults.items() if k in DEFAULTABLE}, **{k: v for k, v in values.items() if v is not None}}
     numbers: dict[str, Any] = {}
     for key, kind in NUMBER_FIELDS.items():
         value = values.get(key)
@@ -107,9 +122,11 @@ def parse_sampling(values: Mapping[str, Any], cap: int) -> SamplingParams:
             stop = [stop]
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise bad_request("stop", "must be a string or a list of strings")
-    numbers.setdefault("max_new_tokens", min(SamplingParams.max_new_tokens, cap))
+    if not asked_length:  # a default (the model's or ours) is clipped to the cap, not refused
+        numbers["max_new_tokens"] = min(numbers.get("max_new_tokens", SamplingParams.max_new_tokens), cap)
     seed = numbers.pop("seed", None)
-    params = SamplingParams(**numbers, seed=seed if seed is not None else secrets.randbits(63), stop=tuple(stop))
+    params = SamplingParams(**numbers, seed=seed if seed is not None else secrets.randbits(63), stop=tuple(stop),
+                            guide=parse_guide(values))
     return params.validate(cap)
 
 
@@ -138,10 +155,13 @@ class RowSampler:
             logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0)
         return logits
 
-    def next(self, logits: np.ndarray) -> int:
-        """logits (V,) -> token id; records the token for the penalties."""
+    def next(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        """logits (V,) -> token id; ``allowed`` (V,) booleans: the only tokens it may choose (a
+        constraint's mask). Records the token for the penalties."""
         p = self.params
         logits = self.penalized(logits)
+        if allowed is not None:
+            logits = np.where(allowed, logits, -np.inf)
         if p.temperature == 0:
             token = int(np.argmax(logits))
         else:
@@ -174,29 +194,39 @@ class RowSampler:
 
 
 class Detokenizer:
-    """Token ids -> text as it becomes complete characters (TGI's prefix/read offsets: decode a short
-    window, emit what it adds once it does not end in half a character), plus stop strings. Text
-    that could be the start of a stop string is held back until it cannot be."""
+    """Token ids -> text as it becomes complete characters (the tokenizers library's
+    ``DecodeStream``: multi-byte UTF-8 split over byte-level or byte-fallback tokens comes out
+    whole, and a SentencePiece word's leading space is kept because the stream starts from the
+    prompt's last tokens), plus stop strings. Text that could be the start of a stop string is held
+    back until it cannot be. Special tokens are not part of the text."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]):
+    CONTEXT = 8  # prompt tokens the stream starts from (what decoding the first new token depends on)
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], context: list[int] = ()):
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer = tokenizer
+        self.stream = DecodeStream(ids=list(context[-self.CONTEXT:]), skip_special_tokens=True)
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.ids: list[int] = []
-        self.prefix, self.read = 0, 0
         self.text = ""  # complete characters decoded so far
         self.sent = 0  # characters of ``text`` handed out
 
     def push(self, token: int) -> bool:
         """Adds a token; True when a stop string appeared (``text`` is then cut before it)."""
-        self.ids.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
-        after = decode(self.ids[self.prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return False  # half of a multi-byte character: wait for the rest
-        added = after[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
+        try:
+            added = self.stream.step(self.tokenizer, token)
+        except Exception as exc:  # noqa: BLE001 - the library raises a plain Exception
+            if "Invalid prefix" not in str(exc):
+                raise
+            # Bytes that are not UTF-8 (a model may emit them: byte tokens in a bad order) break the
+            # stream's state; start a new one from this token, as vLLM does (vllm#17448).
+            from tokenizers.decoders import DecodeStream
+
+            self.stream = DecodeStream(skip_special_tokens=True)
+            added = self.stream.step(self.tokenizer, token)
+        if not added:
+            return False  # half of a multi-byte character (or a special token): nothing yet
         start = max(0, len(self.text) - self.holdback)
         self.text += added
         if self.stop:
@@ -207,12 +237,8 @@ class Detokenizer:
         return False
 
     def take(self, final: bool) -> str:
-        """Text not handed out yet; while running, all but what could begin a stop string."""
-        if final and self.read < len(self.ids):  # an unfinished character at the very end is dropped
-            tail = self.tokenizer.decode(self.ids[self.prefix:])
-            before = self.tokenizer.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
-            self.text += tail[len(before):].replace("\ufffd", "")
-            self.read = len(self.ids)
+        """Text not handed out yet; while running, all but what could begin a stop string. An
+        unfinished character at the very end is dropped."""
         end = len(self.text) if final else len(self.text) - self.holdback
         if end <= self.sent:
             return ""
@@ -221,12 +247,77 @@ class Detokenizer:
         return piece
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before penalties, temperature or a
+    constraint, as vLLM reports them), and the ``top`` most likely tokens at that position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """log-softmax of one row of logits at ``token``, plus the ``top`` best (token, logprob)."""
+    row = logits.astype(np.float64)
+    shifted = row - row.max()
+    log_total = np.log(np.exp(shifted).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        ids = np.argpartition(-shifted, top - 1)[:top] if top < row.size else np.arange(row.size)
+        ids = ids[np.argsort(-shifted[ids], kind="stable")]
+        best = tuple((int(i), float(shifted[i] - log_total)) for i in ids)
+    return TokenLogprob(token, float(shifted[token] - log_total), best)
+
+
+class TokenTexts:
+    """A token's own text and bytes, for log-probabilities (OpenAI's ``token`` and ``bytes``): a
+    byte-level token's bytes through GPT-2's byte alphabet, a byte-fallback token ``<0xE2>`` as its
+    byte, a SentencePiece piece with its word marker as a space. A token that is part of a
+    multi-byte character reads as its escaped bytes (``\\xe2\\x80``), as OpenAI writes it."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type"), *(d.get("type") for d in decoder.get("decoders", []))}
+        self.byte_level = "ByteLevel" in kinds
+        self._alphabet = {c: b for b, c in _byte_alphabet().items()}
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token: int) -> tuple[str, bytes]:
+        hit = self._cache.get(token)
+        if hit is None:
+            piece = self.tokenizer.id_to_token(token) or ""
+            if self.byte_level and all(c in self._alphabet for c in piece):
+                raw = bytes(self._alphabet[c] for c in piece)
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                raw = bytes([int(piece[3:5], 16)])
+            else:
+                raw = piece.replace("\u2581", " ").encode("utf-8")
+            hit = self._cache[token] = (raw.decode("utf-8", errors="backslashreplace"), raw)
+        return hit
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE's alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 @dataclass
 class Chunk:
     text: str  # new text since the previous chunk
     finish_reason: str | None  # "stop" | "length" | None while running
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the tokens generated since the previous chunk (when asked)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the prompt's (first chunk; the first token's is None)
 
 
 @dataclass
@@ -235,3 +326,5 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -200,7 +200,7 @@ def test_generate_text_matches_native_with_seed(server, http, grpc):
 def test_generate_tensors_rest_equals_grpc(http, grpc, repo):
     c = repo.contract("generate")
     feeds = {"input_ids": np.array([[1, 2, 3]], np.int64), "attention_mask": np.ones((1, 3), np.int64),
-             "position_ids": np.array([[0, 1, 2]], np.int64)}
+             "position_ids": np.array([[0, 1, 2]], np.int64), "logit_index": np.array([2], np.int64)}
     for t in c.inputs:
         if t.name.startswith("past"):
             feeds[t.name] = np.zeros([1 if d < 0 and i == 0 else 0 if d < 0 else d for i, d in enumerate(t.shape)],

@@ -70,8 +70,11 @@ def test_openai_errors_and_models(client, server):
         client.completions.create(model="generate", prompt="x", max_tokens=100_000)
     assert bad.value.body["param"] == "max_tokens" and bad.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as unsupported:
-        client.completions.create(model="generate", prompt="x", logprobs=2)
-    assert unsupported.value.body["param"] == "logprobs"
+        client.completions.create(model="generate", prompt="x", suffix="y")
+    assert unsupported.value.body["param"] == "suffix"
+    with pytest.raises(openai.BadRequestError) as no_template:  # trained on plain text: no chat template
+        client.chat.completions.create(model="generate", messages=[{"role": "user", "content": "hi"}])
+    assert no_template.value.body["param"] == "messages" and "no chat template" in no_template.value.body["message"]
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="no-such-model", prompt="x")
     assert missing.value.body["code"] == "model_not_found"
@@ -172,3 +175,24 @@ def test_text_metrics(server):
                  'suite_text_sequences{model="generate",state="waiting"}',
                  'suite_requests_total{model="generate",protocol="openai",status="200"}'):
         assert name in text, name
+
+
+def test_suite_model_logprobs_echo_chat_and_embeddings(client):
+    """The suite's own GPT gets what imported models get: completions with logprobs (the prompt's
+    too, with echo), chat through a template the request brings, and embeddings."""
+    done = client.completions.create(model="generate", prompt="import os", max_tokens=4, logprobs=3, echo=True,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    logprobs = done.choices[0].logprobs
+    assert done.choices[0].text.startswith("import os")
+    assert logprobs.token_logprobs[0] is None and all(v <= 0 for v in logprobs.token_logprobs[1:])
+    assert len(logprobs.tokens) == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert "".join(logprobs.tokens) == done.choices[0].text
+    assert all(len(top) == 3 for top in logprobs.top_logprobs[1:])
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[-1] < len(done.choices[0].text)
+    chat = client.chat.completions.create(
+        model="generate", messages=[{"role": "user", "content": "def"}], max_tokens=5, temperature=0,
+        extra_body={"chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"})
+    assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens >= 2
+    vectors = client.embeddings.create(model="generate", input=["import os", "a list", "import os"])
+    assert len(vectors.data) == 3 and vectors.data[0].embedding == pytest.approx(vectors.data[2].embedding, abs=1e-6)
+    assert sum(v * v for v in vectors.data[1].embedding) == pytest.approx(1.0, abs=1e-5)

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from services.frontends.openai import TEXT
 from services.tasks.base import openapi_errors as _errors
-from services.tasks.generate import PENALTIES
 
 if TYPE_CHECKING:
     from services.dataplane import DataPlane
@@ -22,8 +21,10 @@ def openapi_document(plane: DataPlane) -> dict:
             contract = plane.repository.contract(default) if default in served else None
             paths.update(handler.openapi(contract, served))
     text = [m["name"] for m in plane.served_models(TEXT)]
+    schemas: dict[str, Any] = {"Error": {"type": "object", "required": ["error"], "properties": {
+        "error": {"type": "string"}, "field": {"type": "string"}}}}
     if text:
-        paths.update(_openai_paths(plane.repository.contract(plane.default_model(TEXT) or text[0])))
+        paths.update(_openai_paths(plane.repository.contract(plane.default_model(TEXT) or text[0]), schemas))
     models = {"200": {"description": "served models: version, contract, metrics, parity",
                       "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}}}
     paths["/models"] = {"get": {"summary": "Served models", "responses": models},
@@ -35,53 +36,77 @@ def openapi_document(plane: DataPlane) -> dict:
     return {"openapi": "3.0.2",
             "info": {"title": "model-suite", "version": plane.server_version,
                      "description": "Native task API, Open Inference Protocol v2 REST (gRPC on its own port), "
-                                    "OpenAI-compatible completions."},
+                                    "OpenAI-compatible completions, chat, embeddings and tokenization."},
             "paths": paths,
-            "components": {"schemas": {"Error": {"type": "object", "required": ["error"], "properties": {
-                "error": {"type": "string"}, "field": {"type": "string"}}}}}}
+            "components": {"schemas": schemas}}
 
 
-def _openai_paths(generate) -> dict:
-    from services.frontends.openai import DEFAULT_MAX_TOKENS, MAX_CHOICES, MAX_PROMPTS
+def _openai_paths(generate, schemas: dict) -> dict:
+    """The OpenAI-compatible routes, their bodies and answers from the pydantic types that parse
+    and write them (``openai_types``); the served default text model's limits added."""
+    from services.frontends import openai_types as types
 
-    openai_error = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
-        "code": {"type": "string", "nullable": True}}}}}
-    errors = {str(c): {"description": d, "content": {"application/json": {"schema": openai_error}}}
-              for c, d in ((400, "bad request (OpenAI error object)"), (404, "unknown model"),
+    def ref(model) -> dict:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
+        for name, sub in schema.pop("$defs", {}).items():
+            schemas[name] = openapi30(sub)
+        schemas[model.__name__] = openapi30(schema)
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error = ref(types.ErrorResponse)
+    errors = {str(c): {"description": d, "content": {"application/json": {"schema": error}}}
+              for c, d in ((400, "bad request (OpenAI error object naming the field)"), (404, "unknown model"),
                            (503, "busy: retry after Retry-After seconds"))}
-    prompt = {"type": "string", "maxLength": generate.limits["max_prompt_chars"]}
-    body = {"type": "object", "required": ["model"], "additionalProperties": False, "properties": {
-        "model": {"type": "string", "description": "a served text model (GET /v1/models), or name:version"},
-        "prompt": {"oneOf": [prompt, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": prompt}]},
-        "max_tokens": {"type": "integer", "minimum": 1, "maximum": generate.limits["max_new_tokens"],
-                       "default": DEFAULT_MAX_TOKENS},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
-        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "default": 1.0},
-        "top_k": {"type": "integer", "minimum": 0, "default": 0},
-        "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "default": 1},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 8, "items": {"type": "string"}}]},
-        "seed": {"type": "integer", "minimum": 0}, **PENALTIES,
-        "stream": {"type": "boolean", "default": False},
-        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-        "echo": {"type": "boolean", "default": False}, "user": {"type": "string"},
-        "logprobs": {"type": "integer", "nullable": True, "description": "not supported: must be null"},
-        "best_of": {"type": "integer", "nullable": True, "description": "only equal to n"},
-        "suffix": {"type": "string", "nullable": True, "description": "not supported: must be null"},
-        "logit_bias": {"type": "object", "nullable": True, "description": "not supported: must be empty"}}}
-    completion = {"200": {"description": "a text_completion object, or with stream: text/event-stream chunks then "
-                                         "`data: [DONE]`",
-                          "content": {"application/json": {"schema": {"type": "object"}},
-                                      "text/event-stream": {"schema": {"type": "string"}}}}}
-    listing = {"200": {"description": "OpenAI model list", "content": {"application/json": {"schema": {"type": "object"}}}}}
+    paths = {}
+    for path, (request, response, summary) in types.ROUTES.items():
+        ok = {"description": summary, "content": {"application/json": {"schema": ref(response)}}}
+        if path in ("/v1/completions", "/v1/chat/completions"):
+            ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        paths[path] = {"post": {"summary": summary, "requestBody": {"required": True, "content": {
+            "application/json": {"schema": ref(request)}}}, "responses": {"200": ok, **errors}}}
+    for name in ("CompletionRequest", "ChatCompletionRequest"):  # this server's limits
+        props = schemas[name]["properties"]
+        for key in ("max_tokens", "max_completion_tokens"):
+            if key in props:
+                props[key]["maximum"] = generate.limits["max_new_tokens"]
+    ref(types.ChatCompletionChunk)
+    listing = {"200": {"description": "OpenAI model list", "content": {"application/json": {"schema": ref(types.ModelList)}}}}
+    card = {"200": {"description": "one model", "content": {"application/json": {"schema": ref(types.ModelCard)}}}}
     model = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
-    return {"/v1/completions": {"post": {"summary": "OpenAI-compatible completions (the official client works)",
-                                         "requestBody": {"required": True,
-                                                         "content": {"application/json": {"schema": body}}},
-                                         "responses": {**completion, **errors}}},
-            "/v1/models": {"get": {"summary": "Served text models (OpenAI format)", "responses": listing}},
-            "/v1/models/{model}": {"get": {"summary": "One served text model (OpenAI format)", "parameters": [model],
-                                           "responses": {**listing, "404": errors["404"]}}}}
+    paths["/v1/models"] = {"get": {"summary": "Served text models (OpenAI format)", "responses": listing}}
+    paths["/v1/models/{model}"] = {"get": {"summary": "One served text model (OpenAI format)", "parameters": [model],
+                                           "responses": {**card, "404": errors["404"]}}}
+    return paths
+
+
+def openapi30(schema: Any) -> Any:
+    """Pydantic's JSON Schema (2020-12) as OpenAPI 3.0 reads it: ``anyOf [X, null]`` becomes X with
+    ``nullable``, ``const`` a one-value enum, numeric exclusive bounds the 3.0 boolean form."""
+    if isinstance(schema, list):
+        return [openapi30(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: openapi30(v) for k, v in schema.items() if k != "title"}
+    if "properties" in schema:  # property names are data, not keywords: keep every one
+        out["properties"] = {k: openapi30(v) for k, v in schema["properties"].items()}
+    for key in ("anyOf", "oneOf"):
+        options = out.get(key)
+        if options and any(o.get("type") == "null" for o in options):
+            rest = [o for o in options if o.get("type") != "null"]
+            del out[key]
+            if len(rest) == 1 and "$ref" not in rest[0]:
+                out.update(rest[0])
+            else:
+                out[key] = rest
+            out["nullable"] = True
+    if out.get("type") == "null":
+        out = {"nullable": True, "enum": [None]}
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(bound), (int, float)) and not isinstance(out.get(bound), bool):
+            out[plain], out[bound] = out[bound], True
+    return out
 
 
 def _oip_paths() -> dict:

@@ -19,6 +19,8 @@ from torch.export import Dim
 from contract import ModelContract, TensorSpec
 from training.data import load_text
 from training.families.recurrent import STATE_PARTS, RecurrentLM, RecurrentStep, state_names
+from training import decoders
+from training.decoders import cache_names
 from training.family import Data, ExportSpec, Family
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -54,84 +56,28 @@ def train_tokenizer(text: str, vocab_size: int):
     return tok
 
 
+def gpt2_config(cfg: GenerateConfig):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                      bos_token_id=0, eos_token_id=0)
+
+
 class GPT(nn.Module):
     """Holds the transformers model; the family talks to it through plain tensors."""
 
     def __init__(self, cfg: GenerateConfig):
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel
 
         self.cfg = cfg
-        hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                            n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                            attn_pdrop=cfg.dropout, bos_token_id=0, eos_token_id=0)
+        hf_cfg = gpt2_config(cfg)
         hf_cfg._attn_implementation = "sdpa"
         self.lm = GPT2LMHeadModel(hf_cfg)
 
     def forward(self, input_ids):  # (B, T) -> (B, T, V)
         return self.lm(input_ids=input_ids).logits
-
-
-class DecoderStep(nn.Module):
-    """The exported graph: one decoding step for a batch of rows. Given the new tokens, their
-    positions, an attention mask over past + new slots and the past keys/values of every layer, it
-    returns the last position's logits and the new tokens' keys/values only.
-
-    It runs the transformers model's own modules (embeddings, layer norms, projections, MLPs, tied
-    head), with attention written out so the past is only read: scores against the past and against
-    the new tokens, one softmax, two weighted sums. Nothing in the graph copies the cache; the caller
-    keeps it (the text engine writes each step's keys/values into its preallocated buffer), which
-    at batch 8-32 was most of a step's time when the graph concatenated past and new.
-
-    Rows may differ in length and age: ``attention_mask`` (batch, past + new) marks each row's real
-    slots, ``position_ids`` are per row. Only the last position's logits come out (what decoding
-    samples from), so a batched prefill pads on the left."""
-
-    def __init__(self, gpt: GPT):
-        super().__init__()
-        self.lm = gpt.lm
-        self.n_head = gpt.cfg.n_head
-        self.head_dim = gpt.cfg.n_embd // gpt.cfg.n_head
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        model = self.lm.transformer
-        batch, new = input_ids.shape
-        slots = past[0].shape[2]
-        heads, dim = self.n_head, self.head_dim
-        x = model.wte(input_ids) + model.wpe(position_ids)
-        mask = attention_mask.bool()
-        causal = torch.ones(new, new, dtype=torch.bool).tril()
-        allowed = torch.cat([mask[:, None, :slots].expand(batch, new, slots), mask[:, None, slots:] & causal], dim=2)
-        # Additive, not -inf: a padding query that may attend to nothing gets a finite (unused) row.
-        bias = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, -1e9)[:, None]
-        scale = 1.0 / math.sqrt(dim)
-        outputs = []
-        for i, block in enumerate(model.h):
-            q, k, v = block.attn.c_attn(block.ln_1(x)).split(heads * dim, dim=2)
-            q, k, v = (t.view(batch, new, heads, dim).transpose(1, 2) for t in (q, k, v))
-            past_key, past_value = past[2 * i], past[2 * i + 1]
-            scores = torch.cat([q @ past_key.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale + bias
-            probs = scores.softmax(dim=-1)
-            attended = probs[..., :slots] @ past_value + probs[..., slots:] @ v
-            x = x + block.attn.c_proj(attended.transpose(1, 2).reshape(batch, new, heads * dim))
-            x = x + block.mlp(block.ln_2(x))
-            outputs += [k, v]
-        return (self.lm.lm_head(model.ln_f(x[:, -1:])), *outputs)
-
-
-def left_padded(rows: list[torch.Tensor], past: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token rows of different lengths -> (input_ids, attention_mask over ``past`` all-real slots +
-    the new ones, position_ids), padded on the left; pad slots hold token 0 and position 0."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), past + width, dtype=torch.long)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, :past] = 1
-        mask[i, past + width - len(r):] = 1
-        positions[i, width - len(r):] = torch.arange(past, past + len(r))
-    return ids, mask, positions
 
 
 @torch.no_grad()
@@ -162,7 +108,7 @@ class GraphLM:
             past = {n: np.zeros((1, cfg.n_head, 0, head_dim), np.float32) for n in cache_names(cfg.n_layer, "past")}
             for t, token in enumerate(ids[0].tolist()):
                 out = self.run({"input_ids": np.array([[token]]), "attention_mask": np.ones((1, t + 1), np.int64),
-                                "position_ids": np.array([[t]]), **past})
+                                "position_ids": np.array([[t]]), "logit_index": np.zeros(1, np.int64), **past})
                 past = {n: np.concatenate([v, out[n.replace("past", "new")]], axis=2) for n, v in past.items()}
                 logits.append(out["logits"])
         else:
@@ -173,10 +119,6 @@ class GraphLM:
                 state = {n: out["new_" + n] for n in state}
                 logits.append(out["logits"])
         return torch.from_numpy(np.concatenate(logits, axis=1))
-
-
-def cache_names(n_layer: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
 class GenerateFamily(Family):
@@ -190,7 +132,7 @@ class GenerateFamily(Family):
     anchors = {"nanoGPT, 10.7M-parameter GPT, GPU": {"heldout_nats_per_char": 1.47},
                "nanoGPT baby GPT, about 3 min on a laptop CPU": {"heldout_nats_per_char": 1.88}}
     benchmark_goal = "at most 1.55 nats/char on tiny-shakespeare's last 10 %"
-    graph_version = 3  # 3: attention_mask + per-row positions in; last-position logits and new keys/values out
+    graph_version = 4  # 4: logit_index in, hidden out (training/decoders.py); 3: attention_mask + per-row positions
     profiles = {
         "quick": {"train": {"steps": 150, "eval_every": 75, "lr": 3e-3, "batch_size": 8, "warmup_steps": 5},
                   "model": {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_positions": 128}},
@@ -302,49 +244,8 @@ class GenerateFamily(Family):
     def export_spec(self, model: nn.Module, cfg: GenerateConfig, checkpoint: dict) -> ExportSpec:
         if isinstance(model, RecurrentLM):
             return self._recurrent_export_spec(model, cfg, checkpoint)
-        decoder = DecoderStep(model).eval()
         (prompt,) = checkpoint["heldout_examples"][0]
-        prompt = prompt[0]
-        head_dim = cfg.n_embd // cfg.n_head
-
-        def step(rows: list[torch.Tensor], past: tuple = (), past_length: int = 0):
-            past = past or tuple(torch.zeros(len(rows), cfg.n_head, 0, head_dim) for _ in range(2 * cfg.n_layer))
-            return (*left_padded(rows, past_length), *past)
-
-        def extend(past: tuple, new: tuple) -> tuple:
-            return tuple(torch.cat([p, n], dim=2) for p, n in zip(past, new))
-
-        # Same input through PyTorch and ONNX Runtime: a prefill (empty cache), a multi-token step
-        # and a one-token decoding step on two held-out rows. The traced example has sizes >= 2 so
-        # export keeps those axes symbolic.
-        half = len(prompt) // 2
-        first = step([prompt[:half], prompt[1:half + 1]])
-        with torch.no_grad():
-            past = decoder(*first)[1:]
-            middle = step([prompt[half:-1], prompt[half + 1:]], past, half)
-            past = extend(past, decoder(*middle)[1:])
-        last = step([prompt[-1:], prompt[:1]], past, len(prompt) - 1)
-
-        # Against transformers itself: rows of unequal lengths prefilled together (left-padded),
-        # then one decoding step where every row has a different past (its cache left-padded as the
-        # prefill left it), must give each row's logits as the transformers model gives them for
-        # that row alone.
-        rows = [prompt, prompt[3:16], prompt[10:15]]
-        prefill = step(rows)
-        nexts = [prompt[i:i + 1] for i in (1, 2, 3)]
-        with torch.no_grad():
-            prefill_kv = decoder(*prefill)[1:]
-            alone = [model.lm(input_ids=r[None]).logits[:, -1:] for r in rows]
-            alone_next = [model.lm(input_ids=torch.cat([r, n])[None]).logits[:, -1:] for r, n in zip(rows, nexts)]
-        _, mask, _ = left_padded(rows)
-        decode = (torch.stack(nexts), torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1),
-                  torch.tensor([[len(r)] for r in rows]), *prefill_kv)
-        references = [(prefill, (torch.cat(alone),)), (decode, (torch.cat(alone_next),))]
-
-        b, t, p = Dim("batch", min=1, max=64), Dim("sequence", min=1, max=cfg.n_positions), Dim("past", min=0, max=cfg.n_positions)
-        dynamic = ({0: b, 1: t}, {0: b, 1: Dim.AUTO}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in range(2 * cfg.n_layer)))
-        return ExportSpec(decoder, middle, ["input_ids", "attention_mask", "position_ids", *cache_names(cfg.n_layer, "past")],
-                          ["logits", *cache_names(cfg.n_layer, "new")], dynamic, [first, middle, last], references)
+        return decoders.export_spec(model.lm, prompt[0], cfg.n_positions)
 
     @staticmethod
     def _recurrent_export_spec(model: RecurrentLM, cfg: GenerateConfig, checkpoint: dict) -> ExportSpec:
@@ -380,23 +281,11 @@ class GenerateFamily(Family):
     def contract(self, cfg: GenerateConfig, checkpoint: dict, ckpt_dir: Path) -> ModelContract:
         if cfg.architecture != "gpt2":
             return self._recurrent_contract(cfg)
-        head_dim = cfg.n_embd // cfg.n_head
-        cache_axes = ["batch", "head", "past_sequence", "head_dim"]
-        past = [TensorSpec(n, "float32", [-1, cfg.n_head, -1, head_dim], cache_axes) for n in cache_names(cfg.n_layer, "past")]
-        new_axes = ["batch", "head", "sequence", "head_dim"]
-        new = [TensorSpec(n, "float32", [-1, cfg.n_head, -1, head_dim], new_axes) for n in cache_names(cfg.n_layer, "new")]
-        return ModelContract(
-            name=self.name, family=self.name, task=self.task,
-            architecture=f"gpt2-{cfg.n_layer}layer-{cfg.n_embd}wide",
-            inputs=[TensorSpec("input_ids", "int64", [-1, -1], ["batch", "sequence"]),
-                    TensorSpec("attention_mask", "int64", [-1, -1], ["batch", "past_and_sequence"]),
-                    TensorSpec("position_ids", "int64", [-1, -1], ["batch", "sequence"]), *past],
-            outputs=[TensorSpec("logits", "float32", [-1, 1, cfg.vocab_size], ["batch", "last", "vocab"]), *new],
+        return decoders.contract(
+            self.name, self.name, f"gpt2-{cfg.n_layer}layer-{cfg.n_embd}wide", decoders.DecoderShape.of(gpt2_config(cfg)),
             limits={"max_new_tokens": cfg.max_new_tokens_cap, "context_window": cfg.n_positions,
                     "max_prompt_chars": 20_000, "max_batch": 64},
-            extra={"decoder": "kv-cache", "tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT,
-                   "n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_dim": head_dim},
-        )
+            extra={"tokenizer_file": TOKENIZER_FILE, "end_of_text": END_OF_TEXT})
 
     def _recurrent_contract(self, cfg: GenerateConfig) -> ModelContract:
         parts = STATE_PARTS[cfg.architecture]

@@ -73,8 +73,11 @@ bench: models $(BIN)/.bench-installed
 
 # The text generation benchmark: streams through /v1/completions against transformers generate()
 # in process, same checkpoint (needs artifacts/generate from `make models`). Took about 2 minutes.
+# BENCH_TEXT_ARGS: e.g. an imported model against the folder it came from:
+# make bench-text BENCH_TEXT_ARGS="--models llama-30m --reference /tmp/llama-30m --vary --constrained --schema-requests 100"
+BENCH_TEXT_ARGS ?=
 bench-text: models
-	$(BIN)/python -m loadtest.bench_text
+	$(BIN)/python -m loadtest.bench_text $(BENCH_TEXT_ARGS)
 
 # Reliability scripts (issue 8); each starts the suite on free ports and prints its figures.
 # schemathesis over every route + malformed gRPC ModelInfer; FUZZ_EXAMPLES per operation.

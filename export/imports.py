@@ -881,6 +881,13 @@ def main(argv: list[str]) -> int:
     except ImportRefused as refused:
         print(f"refused: {refused}")
         return 2
+    if contract.task == "text-generation":
+        extra, limits = contract.extra, contract.limits
+        print(f"[{contract.name}] text-generation: {contract.architecture}, {extra['n_head']} heads "
+              f"({extra['n_kv_head']} key/value), context window {limits['context_window']}, up to "
+              f"{limits['max_new_tokens']} new tokens, {contract.max_batch} sequences decoded together, chat template: "
+              f"{'yes' if extra.get('chat_template') else 'no'}" + (f"; stored as {tag}" if tag else "; not stored (--no-store)"))
+        return 0
     batch = f"batches of up to {contract.max_batch}" if (contract.max_batch or 1) > 1 else "one request per run"
     print(f"[{contract.name}] {contract.task}: inputs {[(t.name, t.dtype, t.shape) for t in contract.inputs]}, "
           f"outputs {[(t.name, t.dtype, t.shape) for t in contract.outputs]}, {batch}"

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -101,12 +102,16 @@ class StreamStats:
     ttft: list[float] = field(default_factory=list)
 
 
-# Constrained decoding's cost: JSON records that never have to end (an unbounded array), so every
-# request still runs its full length and the two runs differ only in the masks.
-RECORDS = {"type": "array", "items": {"type": "object", "properties": {
+# Constrained decoding's cost: JSON records (each one checked against RECORD, as json_schema
+# checks) in a list of 201, which no request finishes within its tokens, so every request runs its
+# full length and the two runs differ only in the masks. (A list the model may close ends requests
+# early: shorter requests, more prefill per token, which is not the masks' cost.)
+RECORD = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
     "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3}},
-    "required": ["name", "age", "tags"], "additionalProperties": False}}
+    "required": ["name", "age", "tags"], "additionalProperties": False,
+    "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
+RECORDS_GRAMMAR = 'start: "[" record (", " record)~200 "]"\nrecord: %json ' + json.dumps(RECORD)
 # The schema-validity check: every answer must parse and validate (bounded, so it can finish).
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -116,21 +121,27 @@ PERSON = {"type": "object", "properties": {
 
 
 async def one_stream(port: int, prompt: str, tokens: int, deadline: float, stats: StreamStats,
-                     model: str = "generate", constrained: bool = False) -> None:
+                     model: str = "generate", constrained: bool = False, vary: random.Random | None = None) -> None:
     """Back-to-back streamed completions on a keep-alive connection until ``deadline`` (a new
-    connection when the server asks to close one)."""
-    request_body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 1.0,
-                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    if constrained:
-        request_body["response_format"] = {"type": "json_schema", "json_schema": {"name": "records", "schema": RECORDS}}
-    body = json.dumps(request_body).encode()
-    request = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    connection when the server asks to close one). ``vary``: each request's length drawn from
+    tokens/2 .. 3*tokens/2 (mean ``tokens``), so streams do not finish, and arrive, in step."""
+
+    def request_bytes() -> bytes:
+        length = vary.randint(tokens // 2, tokens * 3 // 2) if vary else tokens
+        request_body = {"model": model, "prompt": prompt, "max_tokens": length, "temperature": 1.0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        if constrained:
+            request_body["structured_outputs"] = {"grammar": RECORDS_GRAMMAR}
+        body = json.dumps(request_body).encode()
+        return (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
     connection = None
     while time.perf_counter() < deadline:
         if connection is None:
             connection = await asyncio.open_connection("127.0.0.1", port)
         reader, writer = connection
+        request = request_bytes()
         sent = time.perf_counter()
         writer.write(request)
         status = await reader.readline()
@@ -169,12 +180,12 @@ async def one_stream(port: int, prompt: str, tokens: int, deadline: float, stats
         connection[1].close()
 
 
-async def run_streams(port: int, streams: int, tokens: int, seconds: float,
-                      model: str = "generate", constrained: bool = False) -> tuple[float, StreamStats]:
+async def run_streams(port: int, streams: int, tokens: int, seconds: float, model: str = "generate",
+                      constrained: bool = False, vary: bool = False) -> tuple[float, StreamStats]:
     stats = StreamStats()
     started = time.perf_counter()
     await asyncio.gather(*(one_stream(port, PROMPTS[i % len(PROMPTS)], tokens, started + seconds, stats, model,
-                                      constrained) for i in range(streams)))
+                                      constrained, random.Random(i) if vary else None) for i in range(streams)))
     return stats.tokens / (time.perf_counter() - started), stats
 
 
@@ -222,9 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="generate",
                         help="comma-separated stored text models to stream from (the first is the reference's)")
     parser.add_argument("--constrained", action="store_true",
-                        help="also stream under a JSON schema (response_format) and report the cost in tokens/s")
+                        help="also stream under a JSON grammar (records checked by a schema) and report its cost in "
+                             "tokens/s")
     parser.add_argument("--schema-requests", type=int, default=0,
                         help="this many json_schema completions at temperature 1, each answer validated")
+    parser.add_argument("--vary", action="store_true",
+                        help="each request's length drawn from --tokens/2 .. 3x/2 (seeded per stream), as real "
+                             "requests differ; without it every request has exactly --tokens")
+    parser.add_argument("--workers", type=int, default=0, help="the server's workers (0: its default, one per core)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime threads per session (0: the server's default, cores / workers)")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))
@@ -244,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # fp32 for a plain model name (the reference is the fp32 checkpoint); variants by their own names
     # Only the measured models are served (a store may hold more).
-    server = start_suite({"SUITE_VARIANT": "fp32", "SUITE_MODELS": ",".join(m.partition(":")[0] for m in models)},
+    settings = {"SUITE_VARIANT": "fp32", "SUITE_MODELS": ",".join(m.partition(":")[0] for m in models),
+                "SUITE_WORKERS": str(args.workers), "SUITE_INTRA_OP_THREADS": str(args.threads)}
+    print(f"server: {args.workers or 'default'} workers, {args.threads or 'default'} threads per session", flush=True)
+    server = start_suite(settings,
                          Path(tempfile.mkdtemp(prefix="bench-text-")) / "suite.log", cwd=REPO)
     port = int(server.url.rsplit(":", 1)[1])
     rows, validity = [], None
@@ -259,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_streams(port, 2, 16, 1.0, name))  # warm-up
             for streams in [int(s) for s in args.streams.split(",")]:
                 for constrained in ((False, True) if args.constrained else (False,)):
-                    rate, stats = asyncio.run(run_streams(port, streams, args.tokens, args.seconds, name, constrained))
-                    label = name + (" +json_schema" if constrained else "")
+                    rate, stats = asyncio.run(run_streams(port, streams, args.tokens, args.seconds, name, constrained,
+                                                          args.vary))
+                    label = name + (" +JSON grammar" if constrained else "")
                     rows.append((label, streams, rate, stats))
                     print(f"suite {label} {streams} streams: {rate:.0f} tokens/s, {stats.requests} requests, "
                           f"{stats.errors} errors", flush=True)
@@ -281,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{percentile(stats.ttft, 0.5) * 1e3:.0f} | {percentile(stats.ttft, 0.99) * 1e3:.0f} | {stats.requests} | "
               f"{stats.errors} | {rate / reference[1]:.2f}x | {rate / reference[8]:.2f}x |")
     by = {streams: (rate, stats) for name, streams, rate, stats in rows if name == models[0]}
-    guided = {streams: rate for name, streams, rate, _ in rows if name == models[0] + " +json_schema"}
+    guided = {streams: rate for name, streams, rate, _ in rows if name == models[0] + " +JSON grammar"}
     print(f"\nGoals ({models[0]}):")
     if 1 in by:
         print(f"- one stream >= 4x generate() batch 1: {by[1][0] / reference[1]:.2f}x")
@@ -293,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if by.get(8) and 32 in by:
         print(f"- 32 streams not below 8 streams: {by[32][0] / by[8][0]:.2f}x")
     for streams, rate in guided.items():
-        print(f"- json_schema costs <= 15 % of tokens/s at {streams} streams: "
+        print(f"- constrained decoding (JSON records) costs <= 15 % of tokens/s at {streams} streams: "
               f"{(1 - rate / by[streams][0]) * 100:.1f} %")
     if validity:
         print(f"- 100 % schema-valid JSON at temperature 1: {validity[0]}/{validity[2]}")

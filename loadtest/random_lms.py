@@ -19,8 +19,8 @@ CHATML = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '
           "{%- endif %}")
 LLAMA_CHAT = ("{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
               "{{ raise_exception('Conversation roles must be system, user or assistant, not ' + message['role']) }}"
-              "{% endif %}<|{{ message['role'] }}|>\\n{{ message['content'] }}{{ eos_token }}\\n{% endfor %}"
-              "{% if add_generation_prompt %}<|assistant|>\\n{% endif %}")
+              "{% endif %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 VOCAB = 2048
 
 

@@ -256,7 +256,8 @@ def add_openai_routes(app: HttpFrontend) -> None:
         vectors, tokens = await handler.embed(handle, inputs)
         data = [types.Embedding(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode()
                                 if req.encoding_format == "base64" else v.tolist()) for i, v in enumerate(vectors)]
-        return _json(types.EmbeddingList(data=data, model=handle.tag, usage=usage(tokens, 0)))
+        return _json(types.EmbeddingList(data=data, model=handle.tag,
+                                         usage=types.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)))
 
     async def tokenize(request: Request) -> Response:
         req: types.TokenizeRequest = await body(request, types.TokenizeRequest)

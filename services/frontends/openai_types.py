@@ -245,11 +245,16 @@ class Embedding(BaseModel):
     embedding: Union[list[float], str]
 
 
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
 class EmbeddingList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Embedding]
     model: str
-    usage: Usage
+    usage: EmbeddingUsage
 
 
 class TokenizeResponse(BaseModel):

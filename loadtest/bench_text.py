@@ -86,9 +86,9 @@ def transformers_greedy(model, tokenizer, prompt: str, tokens: int) -> str:
     x = torch.tensor([tokenizer.encode(prompt).ids])
     config = copy.deepcopy(model.generation_config)
     config.eos_token_id, config.do_sample, config.temperature, config.top_p, config.top_k = None, False, None, None, None
+    config.max_new_tokens, config.pad_token_id = tokens, 0
     with torch.no_grad():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, generation_config=config,
-                             pad_token_id=0)
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
     return tokenizer.decode(out[0, x.shape[1]:].tolist())
 
 

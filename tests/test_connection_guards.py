@@ -138,6 +138,9 @@ def test_a_slowly_sent_request_line_is_answered_408_and_closed(guarded_port):
 
 def test_a_connection_over_the_cap_gets_503_and_the_server_still_serves(guarded_port):
     time.sleep(0.1)  # the earlier tests' connections are gone
+    # A longer header timeout for this one: with 0.5 s, a busy machine (the full suite) sometimes let
+    # the first idle connections time out before the extra one arrived, so it found room (a 408).
+    install_http_guard(max_connections=20, header_timeout_s=2.0)  # under connect()'s 3 s socket timeout
     idle = [connect(guarded_port) for _ in range(20)]
     try:
         time.sleep(0.05)
@@ -150,6 +153,7 @@ def test_a_connection_over_the_cap_gets_503_and_the_server_still_serves(guarded_
     finally:
         for sock in idle:
             sock.close()
+        install_http_guard(max_connections=20, header_timeout_s=HEADER_TIMEOUT_S)
     with connect(guarded_port) as sock:  # ... and a normal request is served
         assert get(sock, "/")[::2] == (200, b"ok")
 

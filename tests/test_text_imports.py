@@ -145,6 +145,47 @@ def test_import_refuses_what_it_cannot_serve(text_imports, tmp_path):
     assert not (text_imports.store / "no-tokenizer").exists() and not (text_imports.store / "opt").exists()
 
 
+def test_mistral_imports_with_its_sliding_window_as_the_context(text_imports, tmp_path):
+    """Mistral shares Llama's step; its sliding window caps the context window (attention inside
+    the window is full attention), and the import's parity check against transformers passes."""
+    import shutil
+
+    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+
+    folder = tmp_path / "mistral"
+    MistralForCausalLM(MistralConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     sliding_window=96, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(text_imports.folder / "hf-llama" / name, folder / name)
+    GenerationConfig(eos_token_id=2, bos_token_id=1).save_pretrained(folder)
+    done = subprocess.run([sys.executable, "-m", "export", "import", "huggingface", str(folder), "--no-store"],
+                          env=text_imports.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "mistral-2layer-64wide" in done.stdout and "context window 96" in done.stdout, done.stdout
+
+
+def test_int8_variant_is_gated_by_next_token_loss(text_imports, tmp_path):
+    """import int8 on a text model measures the next-token loss of both graphs on the user's text
+    and a decoding step's time; an impossible tolerance refuses it with the figures, storing
+    nothing."""
+    from tests.text_models import docs_text
+
+    text = tmp_path / "text.txt"
+    text.write_text(docs_text()[:20_000], encoding="utf-8")
+    run = [sys.executable, "-m", "export", "import", "int8", "hf-llama", "--calibration", str(text), "--no-store"]
+    gated = subprocess.run(run, env=text_imports.env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert "next-token loss, nats/token" in gated.stdout and "decoding step of 8 rows" in gated.stdout, gated.stdout
+    assert gated.returncode in (0, 2)  # kept when within 0.02 nats/token and faster, else refused
+    strict = subprocess.run([*run, "--max-loss", "-1"], env=text_imports.env, cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert strict.returncode == 2 and "refused: loses" in strict.stdout and "nothing was written" in strict.stdout
+    assert not (text_imports.store / "hf-llama-int8").exists()
+    bad = subprocess.run([*run[:-2], str(tmp_path), "--no-store"], env=text_imports.env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "UTF-8 text file" in bad.stdout, bad.stdout
+
+
 def test_contract_carries_what_serving_reads(text_imports):
     from services.runtime import read_contract
 

@@ -19,6 +19,12 @@ from pathlib import Path
 TEXT_MODELS = ("hf-gpt2", "hf-llama", "hf-qwen2")
 
 
+def docs_text() -> str:
+    from loadtest.random_lms import docs_text as text
+
+    return text()
+
+
 def text_models(folder: Path) -> dict[str, Path]:
     import torch
 

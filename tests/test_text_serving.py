@@ -196,3 +196,26 @@ def test_suite_model_logprobs_echo_chat_and_embeddings(client):
     vectors = client.embeddings.create(model="generate", input=["import os", "a list", "import os"])
     assert len(vectors.data) == 3 and vectors.data[0].embedding == pytest.approx(vectors.data[2].embedding, abs=1e-6)
     assert sum(v * v for v in vectors.data[1].embedding) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_native_generate_takes_logprobs_and_constraints(server):
+    """/generate and /generate_stream take the same logprobs and constraint fields; a recurrent
+    model answers embeddings with a 400 naming the model (it has no hidden-state output)."""
+    import json
+    import re
+
+    r = requests.post(f"{server.url}/generate", json={"prompt": "x = ", "max_new_tokens": 6, "seed": 1, "logprobs": 2,
+                                                      "regex": "[0-9]{2,3}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert re.fullmatch("[0-9]{2,3}", answer["text"]) and answer["finish_reason"] == "stop"
+    assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in answer["logprobs"])
+    stream = requests.post(f"{server.url}/generate_stream", json={"prompt": "x = ", "max_new_tokens": 6, "seed": 1,
+                                                                  "regex": "[0-9]{2,3}"}, timeout=60, stream=True)
+    events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith(b"data: {")]
+    assert "".join(e["text"] for e in events) == answer["text"]
+    bad = requests.post(f"{server.url}/generate", json={"prompt": "x", "json_schema": {"type": "object", "minProperties": 3,
+                                                                                      "maxProperties": 1}}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["field"] == "json_schema", bad.text
+    lstm = requests.post(f"{server.url}/v1/embeddings", json={"model": "generate-lstm", "input": "x"}, timeout=60)
+    assert lstm.status_code == 400 and lstm.json()["error"]["param"] == "model", lstm.text

@@ -181,6 +181,16 @@ class Sequence:
                           prompt_logprobs)
 
 
+@dataclass(eq=False)
+class EmbeddingJob:
+    """An embedding request: its prompts, where its caller waits, and the vectors so far."""
+
+    prompts: list[list[int]]
+    future: asyncio.Future
+    vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
+    next: int = 0  # the first prompt not run yet
+
+
 class TextEngine:
     """Continuous batching for one loaded text model. ``run`` is its session's run (feeds ->
     outputs by name); the tokenizer and the limits come from the model's contract and folder."""
@@ -217,7 +227,7 @@ class TextEngine:
             raise ValueError(f"{name}: decoder {decoder!r} is not one this engine keeps ({', '.join(DECODER_STATES)})")
         self._state = DECODER_STATES[decoder](contract, self._run, self.limits.max_live)
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._jobs: collections.deque = collections.deque()  # embedding requests: (prompts, future)
+        self._jobs: collections.deque[EmbeddingJob] = collections.deque()  # embedding requests
         self.pooling = extra.get("pooling", "mean")
         self._live: list[Sequence] = []
         self._wake = threading.Condition()
@@ -304,34 +314,49 @@ class TextEngine:
             if len(self._jobs) >= self.limits.max_waiting:
                 raise unavailable("model", f"{self.name} is busy: {len(self._jobs)} embedding requests waiting",
                                   retry_after=1)
-            self._jobs.append((prompts, future))
+            self._jobs.append(EmbeddingJob(prompts, future))
             self._wake.notify()
         vectors = await future
         return vectors, sum(map(len, prompts))
 
     def _run_jobs(self) -> None:
-        """The embedding requests waiting: their prompts in runs of at most prefill_tokens padded tokens."""
-        while True:
-            with self._wake:
-                if not self._jobs:
-                    return
-                prompts, future = self._jobs.popleft()
-            try:
-                vectors, run = [], []
-                for prompt in [*prompts, None]:
-                    if prompt is None or (run and max(map(len, [*run, prompt])) * (len(run) + 1) > self.limits.prefill_tokens):
-                        vectors.append(self._state.hidden(run, self.pooling))
-                        run = []
-                    if prompt is not None:
-                        run.append(prompt)
-                result = np.concatenate(vectors)
+        """One run of the first embedding request waiting (at most prefill_tokens padded tokens), so
+        a large request takes turns with the decoding steps instead of stalling every stream."""
+        with self._wake:
+            if not self._jobs:
+                return
+            job = self._jobs[0]
+        if job.future.cancelled():  # its client left
+            self._finish_job(job, None, None)
+            return
+        try:
+            run, width = [], 0
+            while job.next < len(job.prompts):
+                prompt = job.prompts[job.next]
+                wider = max(width, len(prompt))
+                if run and wider * (len(run) + 1) > self.limits.prefill_tokens:
+                    break
+                run.append(prompt)
+                width = wider
+                job.next += 1
+            job.vectors.append(self._state.hidden(run, self.pooling))
+            if job.next == len(job.prompts):
+                result = np.concatenate(job.vectors)
                 result /= np.maximum(np.linalg.norm(result, axis=1, keepdims=True), 1e-12)
-                future.get_loop().call_soon_threadsafe(_settle, future, result, None)
-            except Exception:  # noqa: BLE001 - the caller gets it, the loop goes on
-                log.exception("%s: an embedding run failed", self.name)
-                future.get_loop().call_soon_threadsafe(
-                    _settle, future, None, ServingError(None, "internal error while embedding; the server log has "
-                                                              "the details", 500))
+                self._finish_job(job, result, None)
+        except Exception:  # noqa: BLE001 - the caller gets it, the loop goes on
+            log.exception("%s: an embedding run failed", self.name)
+            self._finish_job(job, None, ServingError(None, "internal error while embedding; the server log has the "
+                                                           "details", 500))
+
+    def _finish_job(self, job: "EmbeddingJob", result, error) -> None:
+        with self._wake:
+            self._jobs.remove(job)
+        if result is not None or error is not None:
+            try:
+                job.future.get_loop().call_soon_threadsafe(_settle, job.future, result, error)
+            except RuntimeError:  # that loop has closed: nobody is waiting
+                pass
 
     def admission_error(self) -> ServingError | None:
         """Why a request arriving now would be refused (503), or None; asked before reading its body."""
@@ -393,6 +418,9 @@ class TextEngine:
         with self._wake:
             stranded = [*self._live, *self._waiting]
             self._waiting.clear()
+            jobs = list(self._jobs)
+        for job in jobs:
+            self._finish_job(job, None, error)
         for seq in stranded:
             seq.fail(error)
         self._deliver(stranded)

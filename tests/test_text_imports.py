@@ -100,6 +100,47 @@ def test_greedy_tokens_and_logprobs_match_transformers(text_imports, name):
     assert worst <= 1e-3
 
 
+def test_a_large_embedding_request_takes_turns_with_decoding(text_imports):
+    """An embedding request bigger than one prefill run is split into runs that alternate with the
+    decoding steps of a generation in progress, and its vectors equal each input embedded alone."""
+    import numpy as np
+
+    from services.textgen import SamplingParams
+
+    inputs = [p + " and more words to make it longer" for p in PROMPTS]
+    alone_engine = engine(text_imports, "hf-llama")
+    try:
+        async def each():
+            return [(await alone_engine.embed([text]))[0][0] for text in inputs]
+
+        alone = asyncio.run(each())
+    finally:
+        alone_engine.close()
+    text = engine(text_imports, "hf-llama", prefill_tokens=48)
+    order: list[str] = []  # what the engine thread ran, in order
+    state = text._state
+    hidden, decode = state.hidden, state.decode
+    state.hidden = lambda *a: (order.append("embed"), hidden(*a))[1]
+    state.decode = lambda *a: (order.append("decode"), decode(*a))[1]
+
+    async def together():
+        # queued together: the generation's 100 steps outlast the embedding's runs on this small model
+        (sequence,) = text.submit([("while True:", SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True))])
+        vectors, tokens = await text.embed(inputs)
+        await sequence.complete()
+        return vectors, tokens
+
+    try:
+        vectors, tokens = asyncio.run(together())
+    finally:
+        text.close()
+    assert np.allclose(vectors, np.stack(alone), atol=1e-5)
+    assert tokens > 48
+    embeds = [i for i, what in enumerate(order) if what == "embed"]
+    assert len(embeds) >= 3, order  # several runs of at most 48 padded tokens
+    assert all(order[a + 1] == "decode" for a in embeds[:-1]), " ".join(order)  # a decoding step after each but the last
+
+
 def test_streamed_text_is_whole_characters(text_imports):
     """Multi-byte characters split over byte-fallback (Llama's <0xE2> tokens) and byte-level
     (GPT-2) tokens come out whole from the incremental detokenizer (the tokenizers library's

@@ -90,3 +90,22 @@ def test_grpc_needs_the_key_except_health(keyed):
         assert result.as_numpy("probabilities").shape == (1, 10)
     finally:
         client.close()
+
+
+def test_grpc_health_protocol_answers_without_the_key(keyed):
+    """grpc.health.v1 (what a Kubernetes gRPC probe calls): SERVING for the server and the inference
+    service, NOT_FOUND for another service name, Watch opening with the status; no key needed."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{keyed.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

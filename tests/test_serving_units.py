@@ -491,3 +491,26 @@ def test_admission_refuses_on_queue_length_and_expected_wait():
     assert by_length.status == 503 and "2 requests waiting" in by_length.message and by_length.retry_after
     assert by_wait.status == 503 and "budget" in by_wait.message
     assert idle_after
+
+
+def test_grpc_health_follows_readiness():
+    """NOT_SERVING while the data plane is not ready (a model loading), SERVING once it is; the
+    answer is read at each call, never cached."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2
+
+    from services.frontends.oip_grpc import HealthServicer
+
+    class Plane:
+        ready_now = False
+
+        def ready(self) -> bool:
+            return self.ready_now
+
+    plane = Plane()
+    servicer = HealthServicer(plane)
+    request = health_pb2.HealthCheckRequest(service="")
+    assert asyncio.run(servicer.Check(request, None)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    plane.ready_now = True
+    assert asyncio.run(servicer.Check(request, None)).status == health_pb2.HealthCheckResponse.SERVING

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -326,7 +327,8 @@ def infer_response(request: pb.ModelInferRequest, result: Any) -> pb.ModelInferR
 
 
 PUBLIC_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
-                  "/inference.GRPCInferenceService/ModelReady")  # health: answered without the API key
+                  "/inference.GRPCInferenceService/ModelReady", "/grpc.health.v1.Health/Check",
+                  "/grpc.health.v1.Health/Watch")  # health: answered without the API key
 CONTROL_METHODS = ("/inference.GRPCInferenceService/RepositoryModelLoad",
                    "/inference.GRPCInferenceService/RepositoryModelUnload")  # model control: the admin key
 
@@ -410,6 +412,42 @@ def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers("inference.GRPCInferenceService", handlers)
 
 
+HEALTH_SERVICES = ("", "inference.GRPCInferenceService")  # the whole server, and the inference service
+HEALTH_WATCH_INTERVAL_S = 1.0
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """The standard gRPC health protocol (``grpc.health.v1``: what Kubernetes' gRPC probes,
+    grpc-health-probe and load balancers call): SERVING once the data plane is ready (its models
+    loaded, gRPC up), NOT_SERVING while it is not, SERVICE_UNKNOWN for any other service name.
+    Answered from the data plane's readiness at each call, so it never disagrees with ``/readyz``."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    def _status(self, service: str) -> int:
+        statuses = health_pb2.HealthCheckResponse
+        if service not in HEALTH_SERVICES:
+            return statuses.SERVICE_UNKNOWN
+        return statuses.SERVING if self.plane.ready() else statuses.NOT_SERVING
+
+    async def Check(self, request, context):
+        status = self._status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:  # the protocol's answer: NOT_FOUND
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"service {request.service!r} is not served here")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):
+        """The status now, then each change (checked every second) until the client leaves."""
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+
+
 class GrpcFrontend:
     """The gRPC server's lifecycle in one worker. A failed bind is logged at ERROR and reported
     through the data plane's readiness (``/readyz`` and ``/v2/health/ready`` answer 503); it does
@@ -440,6 +478,7 @@ class GrpcFrontend:
             ("grpc.max_concurrent_streams", 128),
         ])
         add_servicer(InferenceServicer(self.plane, self.metrics), server)
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self.plane), server)
         address = f"{self.host}:{self.port}"
         try:
             if not server.add_insecure_port(address):

@@ -123,6 +123,10 @@ class ServingConfig:
     #   fp16, or auto = the fastest stored variant for this server's provider (on a CPU the one whose gate measured the
     #   most speed over fp32, so int8 where it was shipped; on CUDA fp16 where it was shipped); else fp32
     model_variants: tuple[str, ...] = ()  # per-model overrides, "model=variant": SUITE_MODEL_VARIANTS="classify=fp32"
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API ("https://app.example.com",
+    #   or "*"); empty = no CORS headers at all (browsers then refuse cross-origin calls). Preflights are answered
+    #   before the API key is checked, as browsers send them without credentials
+    cors_max_age_s: int = 600  # how long a browser may cache a preflight's answer
     api_key: str = field(default="", repr=False)  # when set, every route but health and metrics needs
     #   "Authorization: Bearer <key>" (gRPC: that metadata); empty = open. Prefer SUITE_API_KEY to --arg (process lists),
     #   or SUITE_API_KEY_FILE (a file holding the key, e.g. a mounted Secret)
@@ -227,6 +231,11 @@ class ServingConfig:
                      "text_max_choices", "text_max_inputs", "text_prompt_logprobs_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for origin in self.cors_origins:
+            if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+                raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path) or *")
+        if self.cors_max_age_s < 0:
+            raise ValueError("cors_max_age_s must be >= 0")
         for name in ("header_timeout_s", "body_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -45,7 +45,20 @@ add_openai_routes(http_app)
 add_openapi_route(http_app)
 
 
-@bentoml.asgi_app(http_app, path="/")
+def with_cors(app, config: ServingConfig):
+    """The HTTP app behind Starlette's CORS middleware when origins are configured (off by
+    default): preflights answered from the settings, the allowed origin echoed on answers."""
+    if not config.cors_origins:
+        return app
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(app, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                          allow_headers=["authorization", "content-type", "inference-header-content-length"],
+                          expose_headers=["retry-after", "inference-header-content-length"],
+                          max_age=config.cors_max_age_s)
+
+
+@bentoml.asgi_app(with_cors(http_app, CONFIG), path="/")
 @bentoml.service(
     name="model-suite",
     workers=CONFIG.worker_count,

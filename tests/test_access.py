@@ -23,7 +23,7 @@ KEY = "test-key-7f3a"
 @pytest.fixture(scope="module")
 def keyed(built_models):
     settings = {"SUITE_INTRA_OP_THREADS": "1", "SUITE_WORKERS": "1", "SUITE_MODELS": "classify,generate",
-                "SUITE_API_KEY": KEY}
+                "SUITE_API_KEY": KEY, "SUITE_CORS_ORIGINS": "https://app.example.com"}
     server = start_suite(settings, Path(tempfile.mkdtemp(prefix="keyed-")) / "serve.log", timeout=180)
     try:
         yield server
@@ -109,3 +109,25 @@ def test_grpc_health_protocol_answers_without_the_key(keyed):
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
+
+
+def test_cors_for_configured_origins_only(keyed, server):
+    """With cors_origins set, a browser's preflight is answered without the key (browsers send
+    none) and answers carry the allowed origin; another origin's preflight is refused. Off by
+    default: the default server sends no CORS headers."""
+    origin = "https://app.example.com"
+    preflight = requests.options(f"{keyed.url}/classify", timeout=30, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == origin
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert preflight.headers["access-control-max-age"] == "600"
+    other = requests.options(f"{keyed.url}/classify", timeout=30, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    answer = requests.post(f"{keyed.url}/classify", data=digit_png()[0], timeout=60,
+                           headers={"Content-Type": "image/png", "Origin": origin, "Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+    plain = requests.get(f"{server.url}/models", timeout=30, headers={"Origin": origin})
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers

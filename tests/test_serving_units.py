@@ -514,3 +514,13 @@ def test_grpc_health_follows_readiness():
     assert asyncio.run(servicer.Check(request, None)).status == health_pb2.HealthCheckResponse.NOT_SERVING
     plane.ready_now = True
     assert asyncio.run(servicer.Check(request, None)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cors_origins_are_origins():
+    from services.config import ServingConfig
+
+    config = ServingConfig.load(environ={"SUITE_CORS_ORIGINS": "https://a.example, http://localhost:8080"}, arguments={})
+    assert config.cors_origins == ("https://a.example", "http://localhost:8080")
+    for bad in ("a.example", "https://a.example/path", "ftp://a.example"):
+        with pytest.raises(ValueError, match="cors_origins"):
+            ServingConfig.load(environ={"SUITE_CORS_ORIGINS": bad}, arguments={})

@@ -36,8 +36,8 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
                                 reason="kubectl is not installed: it renders the kustomize overlays (`kubectl kustomize`)")
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "loadtest")
-SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models")
+OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "loadtest")
+SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes")
 # kubernetes-validate 1.37.0 ships schemas for 1.25 to 1.37. 1.37 is the newest; 1.33 is the oldest
 # minor that managed clusters still commonly run (extended support), and every field we use exists there.
 KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
@@ -264,6 +264,12 @@ def test_suite_manifests_agree_with_each_other_and_with_the_suite(documents, ove
     annotations = pod["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == ports["probes"] and annotations["prometheus.io/path"] in probe_paths()
     for name, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+        if overlay.endswith("grpc-probes") and name != "livenessProbe":  # grpc.health.v1 on the gRPC port
+            from services.frontends.oip_grpc import HEALTH_SERVICES
+
+            probe = suite[name]["grpc"]
+            assert probe["port"] == ports["grpc"] and probe.get("service", "") in HEALTH_SERVICES, (name, probe)
+            continue
         probe = suite[name]["httpGet"]
         assert probe["port"] == "probes" and probe["path"] == path and path in probe_paths(), (name, probe)
     startup = suite["startupProbe"]

@@ -220,13 +220,11 @@ def import_text_int8(name: str, stored, text_path: Path, max_loss: float = 0.02,
     nats/token of fp32's and a batched decoding step runs faster; else ``VariantRefused`` with the
     figures. -> (the gate, the store tag or None)."""
     import dataclasses
-    import time
 
     from tokenizers import Tokenizer
 
-    from export.imports import ImportRefused, check_name
-    from export.onnx_export import store_model
-    from export.variants import Gate, VariantRefused, _median_ms, _with_contract, quantize_int8
+    from export.imports import ImportRefused, check_name, settle_int8_gate, store_int8_variant
+    from export.variants import Gate, _median_ms, _with_contract, quantize_int8
     from services.runtime import OnnxSession, read_contract
     from training.artifacts import atomic_write
 
@@ -261,24 +259,15 @@ def import_text_int8(name: str, stored, text_path: Path, max_loss: float = 0.02,
                     _nll(quantized.run, windows, *dims), max_loss, False, _median_ms(base.run, step),
                     _median_ms(quantized.run, step), f"{method}; measured on {sum(map(len, windows))} tokens of "
                     f"{text_path.name}", timed_on="a decoding step of 8 rows over a 128-token cache, one thread")
-        if gate.loss > gate.tolerance:
-            gate.reason = f"loses {gate.loss:.4f} nats/token against fp32, more than the {max_loss:g} allowed"
-        elif gate.speedup <= 1.0:
-            gate.reason = f"slower than fp32 on this CPU ({gate.variant_ms:.2f} ms against {gate.fp32_ms:.2f} ms)"
-        if gate.reason:
-            raise VariantRefused(f"refused: {gate.reason}; nothing was written ({gate.summary()})", gate)
-        gate.passed, gate.reason = True, "passed"
+        settle_int8_gate(gate, f"loses {gate.loss:.4f} nats/token against fp32, more than the {max_loss:g} allowed"
+                         if gate.loss > gate.tolerance else None)
         done["gate"] = gate
 
     with tempfile.TemporaryDirectory(prefix="suite-import-") as tmp:
         path = Path(tmp) / ONNX_FILE
         atomic_write(path, write)
-        gate, tag = done["gate"], None
-        if store:
-            metadata = {**{k: v for k, v in stored.info.metadata.items() if k != "parity_max_abs_diff"},
-                        "variant": "int8", "variant_of": name, "gate": json.loads(json.dumps(gate.as_dict())),
-                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            tag = store_model(variant_name, {"task": contract.task, "source": contract.family, "variant": "int8"},
-                              metadata, path, [folder / extra["tokenizer_file"]])
+        gate = done["gate"]
+        tag = store_int8_variant(variant_name, stored, contract, gate, path,
+                                 [folder / extra["tokenizer_file"]]) if store else None
     log.info("%s: %s; %s", variant_name, gate.reason, gate.summary())
     return gate, tag

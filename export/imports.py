@@ -748,8 +748,7 @@ def import_int8(name: str, calibration: Path, min_agreement: float = 0.99, store
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from export.onnx_export import store_model
-    from export.variants import Gate, VariantRefused, _median_ms, _with_contract, quantize_int8
+    from export.variants import Gate, _median_ms, _with_contract, quantize_int8
     from services.runtime import OnnxSession, read_contract
     from training.artifacts import atomic_write
 
@@ -787,29 +786,43 @@ def import_int8(name: str, calibration: Path, min_agreement: float = 0.99, store
                     _median_ms(base.run, feeds[:8]), _median_ms(quantized.run, feeds[:8]),
                     f"{method}; calibrated and measured on {len(feeds)} images from {calibration.name}",
                     timed_on=f"{min(8, len(feeds))} of the calibration images")
-        if gate.loss > gate.tolerance + 1e-12:
-            gate.reason = (f"agrees with fp32 on {gate.value:.4f} of the answers, less than the {min_agreement:g} "
-                           f"asked for")
-        elif gate.speedup <= 1.0:
-            gate.reason = f"slower than fp32 on this CPU ({gate.variant_ms:.2f} ms against {gate.fp32_ms:.2f} ms)"
-        if gate.reason:
-            raise VariantRefused(f"refused: {gate.reason}; nothing was written ({gate.summary()})", gate)
-        gate.passed, gate.reason = True, "passed"
+        settle_int8_gate(gate, f"agrees with fp32 on {gate.value:.4f} of the answers, less than the "
+                               f"{min_agreement:g} asked for" if gate.loss > gate.tolerance + 1e-12 else None)
         done["gate"] = gate
 
     with tempfile.TemporaryDirectory(prefix="suite-import-") as folder:
         path = Path(folder) / ONNX_FILE
         atomic_write(path, write)
         gate = done["gate"]
-        tag = None
-        if store:
-            metadata = {**{k: v for k, v in stored.info.metadata.items() if k not in ("parity_max_abs_diff",)},
-                        "variant": "int8", "variant_of": name, "gate": json.loads(json.dumps(gate.as_dict())),
-                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            tag = store_model(variant_name, {"task": contract.task, "source": contract.family, "variant": "int8"},
-                              metadata, path)
+        tag = store_int8_variant(variant_name, stored, contract, gate, path) if store else None
     log.info("%s: %s; %s", variant_name, gate.reason, gate.summary())
     return gate, tag
+
+
+def settle_int8_gate(gate, quality_shortfall: str | None) -> None:
+    """An int8 gate's verdict (image and text variants alike): refused (``VariantRefused``, with
+    the figures) when its quality falls short or it is not faster than fp32 here, else passed."""
+    from export.variants import VariantRefused
+
+    if quality_shortfall:
+        gate.reason = quality_shortfall
+    elif gate.speedup <= 1.0:
+        gate.reason = f"slower than fp32 on this CPU ({gate.variant_ms:.2f} ms against {gate.fp32_ms:.2f} ms)"
+    if gate.reason:
+        raise VariantRefused(f"refused: {gate.reason}; nothing was written ({gate.summary()})", gate)
+    gate.passed, gate.reason = True, "passed"
+
+
+def store_int8_variant(variant_name: str, stored, contract: ModelContract, gate, path: Path,
+                       extra_files: list[Path] = ()) -> str:
+    """A passed int8 variant as a new store version, its gate and origin in the metadata; -> its tag."""
+    from export.onnx_export import store_model
+
+    metadata = {**{k: v for k, v in stored.info.metadata.items() if k != "parity_max_abs_diff"},
+                "variant": "int8", "variant_of": stored.tag.name, "gate": json.loads(json.dumps(gate.as_dict())),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return store_model(variant_name, {"task": contract.task, "source": contract.family, "variant": "int8"},
+                       metadata, path, list(extra_files))
 
 
 # ---- the command line ------------------------------------------------------------------------------

@@ -123,6 +123,9 @@ class ServingConfig:
     #   fp16, or auto = the fastest stored variant for this server's provider (on a CPU the one whose gate measured the
     #   most speed over fp32, so int8 where it was shipped; on CUDA fp16 where it was shipped); else fp32
     model_variants: tuple[str, ...] = ()  # per-model overrides, "model=variant": SUITE_MODEL_VARIANTS="classify=fp32"
+    rollouts: tuple[str, ...] = ()  # canary / shadow rollouts started with the server (services/rollout.py), each
+    #   "model=candidate;split=10;shadow=10;promote_after=200;min_agreement=0.95" (candidate: another served model
+    #   of the task, or model:version); model control's /rollout routes start, promote and stop them at run time
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API ("https://app.example.com",
     #   or "*"); empty = no CORS headers at all (browsers then refuse cross-origin calls). Preflights are answered
     #   before the API key is checked, as browsers send them without credentials
@@ -231,6 +234,11 @@ class ServingConfig:
                      "text_max_choices", "text_max_inputs", "text_prompt_logprobs_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        from services.rollout import RolloutPlan
+
+        models = [RolloutPlan.parse(entry).model for entry in self.rollouts]  # raises on a malformed entry
+        if len(set(models)) != len(models):
+            raise ValueError(f"rollouts: one rollout per model, got {models}")
         for origin in self.cors_origins:
             if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
                 raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path) or *")

@@ -4,7 +4,10 @@ REST and gRPC) only translate their wire format to these calls and back; nothing
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
@@ -12,11 +15,13 @@ import numpy as np
 
 from services.budget import MemoryBudget
 from services.errors import ServingError, bad_request, unavailable
+from services.rollout import RolloutPlan, Rollouts, token_agreement
 from contract import ModelContract
 from services.repository import ModelHandle, ModelRepository, WantedState
 from services.tasks import task_classes
 from services.tasks.base import NativeRoute, TaskHandler
 
+log = logging.getLogger("services.dataplane")
 SERVER_NAME = "model-suite"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "parameters", "model_repository"]
@@ -34,8 +39,10 @@ class InferResult:
 
 class DataPlane:
     def __init__(self, repository: ModelRepository, server_version: str = "", control: Any = None,
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, rollouts: Rollouts | None = None):
         self.repository = repository
+        self.rollouts = rollouts or Rollouts([])  # canary and shadow rollouts (services/rollout.py)
+        self.rollouts.on_decided = self._decided
         self.server_version = server_version
         self.control = control  # model control across workers (services.control.ModelControl); None: this process
         self.budget = budget or MemoryBudget(None)  # this worker's memory for requests in flight
@@ -224,7 +231,7 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, feeds: Tensors, parameters: Mapping[str, Any] | None = None,
                     requested: Iterable[str] | None = None) -> InferResult:
-        handle = await self.repository.handle(name if version else self.route(name), version)
+        handle = await self._handle(name, version)
         handler = self.handler(handle.contract)
         result = await handler.infer_tensors(handle, feeds, parameters or {})
         outputs = result.outputs
@@ -274,7 +281,7 @@ class DataPlane:
         name, _, version = (model or self.default_model(task) or "").partition(":")
         if not name:
             raise bad_request("model", f"this server serves no {task} model")
-        handle = await self.repository.handle(name if version else self.route(name), version or None)
+        handle = await self._handle(name, version or None)
         if handle.contract.task != task:
             raise bad_request("model", f"model {name!r} serves {handle.contract.task}, not {task}")
         return self._handlers[task], handle
@@ -289,7 +296,7 @@ class DataPlane:
                            parameters: Mapping[str, Any] | None = None) -> AsyncIterator[InferResult]:
         """Decoupled inference: a text model's results chunk by chunk, any other model's at once.
         Bad input raises here, before the first result."""
-        handle = await self.repository.handle(name if version else self.route(name), version)
+        handle = await self._handle(name, version)
         results = await self.handler(handle.contract).stream_tensors(handle, feeds, parameters or {})
 
         async def named() -> AsyncIterator[InferResult]:
@@ -298,6 +305,124 @@ class DataPlane:
 
         return named()
 
+    async def _handle(self, name: str, version: str | None) -> ModelHandle:
+        """The handle a request for ``name`` runs on: the version it names; else, while a rollout of
+        ``name`` runs, the arm the rollout chooses (a shadowed request: the primary's handle, which
+        also runs the candidate); else the routed variant's serving version."""
+        if version:
+            return await self.repository.handle(name, version)
+        plan = self.rollouts.active(name)
+        if plan is None:
+            return await self.repository.handle(self.route(name), None)
+        arm = self.rollouts.choose(plan)
+        if arm != "primary":
+            try:
+                candidate = await self.repository.handle(plan.candidate_name, plan.candidate_version)
+            except ServingError as exc:  # the candidate cannot answer now: the primary does
+                self.rollouts.skip(plan, "unavailable")
+                log.info("rollout of %s: candidate %s unavailable: %s", name, plan.candidate, exc.message)
+                arm = "primary"
+            else:
+                if arm == "candidate":
+                    return candidate
+        primary = await self.repository.handle(self.route(name), None)
+        if arm == "shadow":
+            return ShadowedHandle(primary, candidate, self.handler(primary.contract), plan, self.rollouts)
+        return primary
+
+    # ---- rollouts (canary and shadow; model control's admin routes) ---------------------------------
+
+    def check_rollout(self, plan: RolloutPlan) -> None:
+        """A candidate must be served, of the primary's task, and take the primary's inputs."""
+        if plan.model not in self.repository.names:
+            raise ServingError("model", f"model {plan.model!r} is not served", 404)
+        primary = self.repository.contract(self.route(plan.model))
+        if plan.candidate_version:
+            self.repository.refresh([plan.model])
+            self.repository.stored(plan.model, plan.candidate_version)  # 404 for a version not in the store
+        elif plan.candidate_name not in self.repository.names:
+            raise ServingError("candidate", f"model {plan.candidate_name!r} is not served", 404)
+        candidate = self.repository.contract(plan.candidate_name, plan.candidate_version)
+        if candidate.task != primary.task:
+            raise bad_request("candidate", f"{plan.candidate} serves {candidate.task}, {plan.model} {primary.task}")
+        theirs = {(t.name, t.dtype, len(t.shape)) for t in candidate.inputs}
+        ours = {(t.name, t.dtype, len(t.shape)) for t in primary.inputs}
+        if theirs != ours:
+            raise bad_request("candidate", f"{plan.candidate} takes other inputs than {plan.model}: "
+                                           f"{sorted(theirs)} against {sorted(ours)}")
+
+    def start_rollout(self, fields: Mapping[str, Any]) -> dict:
+        try:
+            plan = RolloutPlan.from_json(dict(fields))
+        except (TypeError, ValueError) as exc:
+            raise bad_request("rollout", str(exc)) from None
+        if not plan.running:
+            raise bad_request("state", "a new rollout runs; end one with the stop or promote call")
+        self.check_rollout(plan)
+        self.rollouts.set(dataclasses.replace(plan, started_at=0.0, verdict=None))
+        return self.rollout_status(plan.model)
+
+    def rollout_status(self, model: str) -> dict:
+        self.rollouts.refresh()
+        status = self.rollouts.status(model)
+        if status.get("state") not in (None, "none"):
+            status["threshold"] = self._threshold(self.rollouts.plans[model])
+        return status
+
+    def stop_rollout(self, model: str) -> dict:
+        self.rollouts.refresh()
+        plan = self.rollouts.plans.get(model)
+        if plan is None or not plan.running:
+            raise ServingError("model", f"no rollout of {model!r} is running", 404)
+        self.rollouts.set(dataclasses.replace(plan, state="stopped", verdict=self._verdict(plan, "stopped")),
+                          only_if_running_since=plan.started_at)
+        return self.rollout_status(model)
+
+    def _threshold(self, plan: RolloutPlan) -> float:
+        if plan.min_agreement is not None:
+            return float(plan.min_agreement)
+        return self.handler(self.repository.contract(self.route(plan.model))).default_min_agreement
+
+    def _verdict(self, plan: RolloutPlan, decision: str) -> dict:
+        return {"decision": decision, **self.rollouts.figures(plan.model), "threshold": self._threshold(plan)}
+
+    async def promote(self, model: str, force: bool = False) -> dict:
+        """Promotes the running rollout's candidate when its measured agreement with the primary
+        reaches the threshold (``force``: whatever was measured); refuses it (409, with the figures)
+        when it does not. A promoted version becomes the model's serving version; a promoted
+        variant or model answers the model's requests from then on (until its rollout is replaced)."""
+        self.rollouts.refresh()
+        plan = self.rollouts.plans.get(model)
+        if plan is None or not plan.running:
+            raise ServingError("model", f"no rollout of {model!r} is running", 404)
+        verdict = self._verdict(plan, "promoted")
+        count, mean, threshold = verdict["comparisons"], verdict["mean"], verdict["threshold"]
+        if not force and (not count or mean < threshold):
+            verdict["decision"] = "refused"
+            why = "no comparisons yet (give shadow > 0)" if not count else \
+                f"mean {verdict['measure']} {mean:.4g} over {count} comparisons is below {threshold:.4g}"
+            self.rollouts.set(dataclasses.replace(plan, state="refused", verdict=verdict),
+                              only_if_running_since=plan.started_at)
+            raise ServingError("candidate", f"candidate {plan.candidate} refused: {why}; the rollout is stopped "
+                                            f"and {model} answers every request", 409, details=verdict)
+        if not self.rollouts.set(dataclasses.replace(plan, state="promoted", verdict=verdict),
+                                 only_if_running_since=plan.started_at):
+            return self.rollout_status(model)  # another worker decided first
+        if plan.candidate_version:
+            await self.load_model(model, plan.candidate_version)
+        log.info("rollout of %s: %s promoted (%s)", model, plan.candidate, verdict)
+        return self.rollout_status(model)
+
+    def _decided(self, plan: RolloutPlan) -> None:
+        """A worker's tally reached ``promote_after``: decide now (in the background)."""
+        async def decide() -> None:
+            try:
+                await self.promote(plan.model)
+            except ServingError as exc:
+                log.warning("rollout of %s: %s", plan.model, exc.message)
+
+        self.rollouts.spawn_decision(decide())
+
     # ---- export variants ---------------------------------------------------------------------------
 
     def route(self, name: str) -> str:
@@ -305,6 +430,9 @@ class DataPlane:
         export variant (``<name>-int8``, ``<name>-fp16``) when that is served and ready, else
         ``name`` itself. ``auto``: on CUDA the fp16 variant; on a CPU the variant whose gate
         measured the most speed over fp32 (shipped variants passed their quality gate)."""
+        promoted = self.rollouts.promoted(name)
+        if promoted is not None and self.repository.is_ready(promoted):
+            return promoted
         variants = self._variants()
         if name not in variants:
             return name
@@ -353,3 +481,72 @@ class DataPlane:
         except KeyError:
             raise ServingError("model", f"model {contract.name!r} serves task {contract.task!r}, which this server "
                                         f"has no handler for (tasks: {list(self._handlers)})", 501) from None
+
+
+class ShadowedHandle(ModelHandle):
+    """The primary's handle for one request that a shadow rollout also runs on the candidate: each
+    session run (and, for text, each generation) is repeated on the candidate in the background and
+    compared by the task's measure; the client gets the primary's answer, never delayed by it."""
+
+    def __init__(self, primary: ModelHandle, candidate: ModelHandle, handler: TaskHandler, plan: RolloutPlan,
+                 rollouts: Rollouts):
+        self.__dict__.update(primary.__dict__)
+        self._primary, self._candidate, self._handler = primary, candidate, handler
+        self._plan, self._rollouts = plan, rollouts
+        if primary.engine is not None and candidate.engine is not None:
+            self.engine = ShadowEngine(primary.engine, candidate.engine, plan, rollouts)
+
+    async def infer(self, feeds: Tensors) -> Tensors:
+        outputs = await self._primary.infer(feeds)
+        self._rollouts.spawn(self._plan, self._compare(feeds, outputs))
+        return outputs
+
+    async def _compare(self, feeds: Tensors, outputs: Tensors):
+        handler = self._handler
+        # The shadow run holds memory like a request: it waits for the worker's budget (or fails, counted).
+        async with handler.budget.reserve(handler.tensor_cost(self._candidate.contract, feeds), "a shadow run"):
+            theirs = await self._candidate.infer(feeds)
+        value = handler.compare(self.contract, outputs, theirs)
+        return None if value is None else (handler.measure, value)
+
+
+class ShadowEngine:
+    """A text engine that queues each unconstrained generation on the candidate too (same prompt,
+    same sampling parameters and seed) and compares the two generations token by token."""
+
+    def __init__(self, primary: Any, candidate: Any, plan: RolloutPlan, rollouts: Rollouts):
+        self._primary, self._candidate, self._plan, self._rollouts = primary, candidate, plan, rollouts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._primary, name)
+
+    def submit(self, requests: list, matchers: list | None = None, prompt_logprobs: bool = False) -> list:
+        sequences = self._primary.submit(requests, matchers, prompt_logprobs)
+        if prompt_logprobs or any(m is not None for m in matchers or ()):
+            self._rollouts.skip(self._plan, "incomparable")  # a constraint's matcher is compiled for the primary
+            return sequences
+        try:
+            theirs = self._candidate.submit([(prompt, dataclasses.replace(params)) for prompt, params in requests])
+        except ServingError:
+            self._rollouts.skip(self._plan, "busy")
+            return sequences
+        for mine, other in zip(sequences, theirs):
+            self._rollouts.spawn(self._plan, compare_generations(mine, other))
+        return sequences
+
+
+async def compare_generations(primary: Any, candidate: Any, poll_s: float = 0.05):
+    """Both generations' tokens once both are done; None when the primary's client left (the
+    candidate's row is freed too) or either failed."""
+    try:
+        while not (primary.done and candidate.done):
+            if primary.cancelled:
+                candidate.cancel()
+                return None
+            await asyncio.sleep(poll_s)
+    except asyncio.CancelledError:
+        candidate.cancel()
+        raise
+    if primary.cancelled or primary.error is not None or candidate.error is not None or candidate.cancelled:
+        return None
+    return "token_agreement", token_agreement(primary.tokens, candidate.tokens)

@@ -11,17 +11,21 @@ class ServingError(Exception):
     404 NOT_FOUND, 413 INVALID_ARGUMENT, 503 UNAVAILABLE, 500 INTERNAL). ``retry_after`` (seconds) goes out as the
     ``Retry-After`` header when the server is only busy."""
 
-    def __init__(self, field: str | None, message: str, status: int = 400, retry_after: float | None = None):
+    def __init__(self, field: str | None, message: str, status: int = 400, retry_after: float | None = None,
+                 details: dict | None = None):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
         self.status = status
         self.retry_after = retry_after
+        self.details = details  # figures behind the refusal (a rollout's measured agreement), in the body
 
     def to_json(self) -> dict:
         body = {"error": str(self)}
         if self.field:
             body["field"] = self.field
+        if self.details:
+            body["details"] = self.details
         return body
 
 

@@ -17,7 +17,7 @@ class ServingMetrics:
     share the label ``_unknown``, so the number of series stays bounded."""
 
     def __init__(self, models: tuple[str, ...], registry: Any = None):
-        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Summary
 
         registry = REGISTRY if registry is None else registry
         self.queue_depth = Gauge("suite_queue_depth", "Requests waiting for a session run, per model",
@@ -44,6 +44,15 @@ class ServingMetrics:
         self.batch_occupancy = Histogram("suite_text_batch_occupancy",
                                          "Live sequences per decoding step as a fraction of text_max_live",
                                          ["model"], buckets=OCCUPANCY_BUCKETS, registry=registry)
+        # Rollouts (services/rollout.py): the split, and the shadow comparisons (mean = _sum / _count).
+        self.rollout_requests = Counter("suite_rollout_requests", "Requests of a model under rollout, per arm "
+                                        "(shadow: answered by the primary, also run on the candidate)",
+                                        ["model", "arm"], registry=registry)
+        self.shadow_measure = Summary("suite_shadow_measure", "A shadow run's candidate answer against the "
+                                      "primary's, in the task's measure", ["model", "candidate", "measure"],
+                                      registry=registry)
+        self.shadow_skipped_runs = Counter("suite_shadow_skipped", "Shadow runs not compared, per reason",
+                                           ["model", "reason"], registry=registry)
         self._models = set(models)
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
@@ -65,6 +74,16 @@ class ServingMetrics:
             if latency is None:
                 latency = self._latency_children[key[:2]] = self.request_seconds.labels(model, protocol)
             latency.observe(seconds)
+
+
+    def rollout_request(self, model: str, arm: str) -> None:
+        self.rollout_requests.labels(model, arm).inc()
+
+    def shadow_compared(self, model: str, candidate: str, measure: str, value: float) -> None:
+        self.shadow_measure.labels(model, candidate, measure).observe(value)
+
+    def shadow_skipped(self, model: str, reason: str) -> None:
+        self.shadow_skipped_runs.labels(model, reason).inc()
 
 
 def exposition() -> tuple[bytes, str]:

@@ -33,6 +33,7 @@ from services.frontends.openapi import add_openapi_route
 from services.frontends.probes import ProbeServer, ProbeState
 from services.metrics import ServingMetrics, exposition
 from services.repository import ModelRepository, model_store, served_names
+from services.rollout import RolloutPlan, Rollouts
 from services.tasks import default_models, runners_for, task_classes
 
 log = logging.getLogger("services")
@@ -110,12 +111,18 @@ class Suite:
         budget = MemoryBudget(worker_budget(CONFIG.memory_limit_bytes, CONFIG.memory_fraction, CONFIG.worker_count,
                                             resident_bytes()), CONFIG.memory_wait_ms / 1000)
         log.info("memory budget for requests: %s per worker", budget.describe())
-        self.plane = DataPlane(self.repository, server_version=bentoml.__version__, control=self.control, budget=budget)
+        rollouts = Rollouts([RolloutPlan.parse(entry) for entry in CONFIG.rollouts], self.control.file.folder,
+                            self.metrics)
+        self.plane = DataPlane(self.repository, server_version=bentoml.__version__, control=self.control, budget=budget,
+                               rollouts=rollouts)
+        for plan in rollouts.plans.values():
+            if plan.running:
+                self.plane.check_rollout(plan)  # a configured candidate that cannot serve stops the start-up
         http_app.bind(self.plane, self.metrics)
         self.grpc = (GrpcFrontend(self.plane, CONFIG, self.metrics) if CONFIG.grpc_port else None)
         self.probes = (ProbeServer(ProbeState(self.plane.not_ready_reason), CONFIG.probe_port, CONFIG.host,
                                    exposition) if CONFIG.probe_port else None)
-        self._control_task = None
+        self._control_task = self._rollouts_task = None
         # What start-up allocated lives as long as the worker: keep it out of the collector's full
         # passes, which otherwise stall every request in flight (the tail latency under load).
         gc.collect()
@@ -128,6 +135,7 @@ class Suite:
         if self.probes is not None:
             self.probes.start()
         self._control_task = asyncio.get_running_loop().create_task(self.control.run())
+        self._rollouts_task = asyncio.get_running_loop().create_task(self.plane.rollouts.run())
 
     async def __is_ready__(self) -> bool:
         """BentoML's /readyz: every model loaded and the gRPC port bound in this worker."""
@@ -137,8 +145,9 @@ class Suite:
     async def stop(self) -> None:
         if self.probes is not None:
             self.probes.state.stopping = True
-        if self._control_task is not None:
-            self._control_task.cancel()
+        for task in (self._control_task, self._rollouts_task):
+            if task is not None:
+                task.cancel()
         if self.grpc is not None:
             await self.grpc.stop()
         await self.repository.close()

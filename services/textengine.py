@@ -86,6 +86,7 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None  # not yet in a chunk
         self.generated = 0
+        self.tokens: list[int] = []  # generated so far (a shadow rollout compares them with the candidate's)
         self.last_token = prompt_ids[-1]
         self.finish_reason: str | None = None
         self.error: ServingError | None = None
@@ -119,6 +120,7 @@ class Sequence:
             self.finish_reason = "stop"
         else:
             self.generated += 1
+            self.tokens.append(token)
             self.last_token = token
             if self.matcher is not None and (not self.matcher.consume_token(token) or self.matcher.is_stopped()):
                 self.finish_reason = "stop"  # the constraint is complete: nothing but the end may follow

@@ -24,6 +24,7 @@ from starlette.routing import Match, Route
 
 from services.config import ServingConfig
 from services.errors import ServingError, bad_request, too_large, unauthorized, unavailable
+from services.rollout import ROLLOUT_HEADER, requested_arm
 
 if TYPE_CHECKING:  # the data plane sits below the front-ends; imported for types only
     from services.dataplane import DataPlane
@@ -265,6 +266,8 @@ class Endpoint:
                 # Everything that can refuse the request without its body does so before it is read.
                 request.max_body_bytes = self.fixed_body_limit or frontend.body_limit(self.body, self._model_label(scope),
                                                                                       request, self.task)
+                if frontend.plane.rollouts.plans:  # a request may pin itself to a rollout's arm
+                    requested_arm.set(request.headers.get(ROLLOUT_HEADER))
                 if self.admits:
                     refusal = frontend.plane.admission_error(self._model_label(scope))
                     if refusal is not None:

@@ -29,6 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from services.budget import TRIM_AFTER_BYTES, give_back_memory_soon
 from services.errors import ServingError, bad_request
+from services.rollout import ROLLOUT_HEADER, requested_arm
 from services.frontends.oip_codec import numpy_dtype, oip_datatype, tensor_from_list, tensor_from_raw, tensor_to_raw
 
 if TYPE_CHECKING:  # the data plane sits below the front-ends; imported for types only
@@ -219,6 +220,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, raw, context):
         size, status, model, refusal, response = len(raw), 200, "", None, None
+        if self.plane.rollouts.plans:  # a request may pin itself to a rollout's arm (metadata as the HTTP header)
+            requested_arm.set(dict(context.invocation_metadata() or ()).get(ROLLOUT_HEADER))
         try:
             request = parse_checked(self.plane, raw)  # the model, then the declared tensors, then the rest
             model = request.model_name

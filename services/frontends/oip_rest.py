@@ -164,6 +164,26 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
         await control_body(request)
         return json_response(await app.plane.unload_model(request.path_params["model"]))
 
+    async def rollout(request: Request) -> Response:
+        model = request.path_params["model"]
+        if request.method == "GET":
+            return json_response(app.plane.rollout_status(model))
+        body = await control_body(request)
+        if "model" in body and body["model"] != model:
+            raise bad_request("model", f"the path names {model!r}")
+        return json_response(app.plane.start_rollout({**body, "model": model}))
+
+    async def promote(request: Request) -> Response:
+        body = await control_body(request)
+        force = body.get("force", False)
+        if not isinstance(force, bool) or set(body) - {"force"}:
+            raise bad_request("force", "the only field is force (true: promote whatever was measured)")
+        return json_response(await app.plane.promote(request.path_params["model"], force))
+
+    async def stop_rollout(request: Request) -> Response:
+        await control_body(request)
+        return json_response(app.plane.stop_rollout(request.path_params["model"]))
+
     async def infer(request: Request) -> Response:
         body = await request.body()
         payload, binary = parse_body(body, request.headers.get(HEADER))
@@ -184,6 +204,10 @@ def add_oip_rest_routes(app: HttpFrontend) -> None:
     app.route("/v2/repository/index", repository_index, ("POST",), "oip_rest")
     app.route("/v2/repository/models/{model}/load", load, ("POST",), "oip_rest", ":model", control=True)
     app.route("/v2/repository/models/{model}/unload", unload, ("POST",), "oip_rest", ":model", control=True)
+    rollouts = "/v2/repository/models/{model}/rollout"
+    app.route(rollouts, rollout, ("GET", "POST"), "oip_rest", ":model", control=True)
+    app.route(rollouts + "/promote", promote, ("POST",), "oip_rest", ":model", control=True)
+    app.route(rollouts + "/stop", stop_rollout, ("POST",), "oip_rest", ":model", control=True)
     for prefix in (model, versioned):
         app.route(prefix, model_metadata, get, "oip_rest", ":model", body="none")
         app.route(prefix + "/ready", model_ready, get, "oip_rest", ":model", body="none")

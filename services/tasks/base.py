@@ -21,6 +21,7 @@ from services.budget import MemoryBudget, model_cost
 from services.config import ServingConfig
 from services.errors import bad_request, too_large
 from services.repository import ModelHandle, StoredVersion, model_batcher
+from services.rollout import psnr_db
 from services.runtime import OnnxSession
 
 Tensors = dict[str, np.ndarray]
@@ -279,7 +280,37 @@ class TaskHandler:
         """Inputs/outputs a task offers beyond the model's own (text in, text out), for metadata."""
         return [], []
 
+    # ---- shadow rollouts: a candidate's answers against the primary's -----------------------------
 
+    measure = "close_fraction"  # the measure ``compare`` gives (the rollout's metrics and figures name it)
+    default_min_agreement = 0.99  # a candidate is promoted at or above this mean, refused below
+
+    def compare(self, contract: ModelContract, primary: Tensors, candidate: Tensors) -> float | None:
+        """The candidate's outputs of one session run against the primary's, in this task's measure
+        (None: they cannot be compared). Any model: the share of rows whose every output is within
+        1e-2 relative (1e-3 absolute) of the primary's."""
+        rows = None
+        for spec in contract.outputs:
+            a, b = primary.get(spec.name), candidate.get(spec.name)
+            if a is None or b is None or a.shape != b.shape or a.dtype == object:
+                return None
+            a, b = a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1), b.reshape(len(b), -1) if b.ndim else \
+                b.reshape(1, 1)
+            close = np.isclose(b, a, rtol=1e-2, atol=1e-3).all(axis=1)
+            rows = close if rows is None else rows & close
+        return float(rows.mean()) if rows is not None and rows.size else None
+
+
+
+
+def image_psnr(self: TaskHandler, contract: ModelContract, primary: Tensors, candidate: Tensors) -> float | None:
+    """``compare`` of the tasks whose answer is an image: the PSNR of the candidate's against the
+    primary's, over the contract's output range (``extra["output_range"]``, default [0, 1])."""
+    name = contract.outputs[0].name
+    if primary[name].shape != candidate[name].shape:
+        return None
+    low, high = contract.extra.get("output_range", (0.0, 1.0))
+    return psnr_db(primary[name], candidate[name], float(high) - float(low))
 
 
 ERROR_REASONS = {400: "bad input; `field` names it", 404: "unknown model or version", 405: "method not allowed",

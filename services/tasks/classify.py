@@ -9,6 +9,7 @@ import numpy as np
 from contract import ModelContract
 from services.budget import model_cost
 from services.repository import ModelHandle
+from services.rollout import top1_agreement
 from services.tasks.base import NativeRoute, TaskHandler, check_int, json_answer
 from services.tasks.images import decode_cost, image_input, open_upload
 
@@ -37,6 +38,12 @@ class ImageClassification(TaskHandler):
     default_model = "classify"
     routes = (NativeRoute("/classify", "classify", "image", "Classify an image (any size, grayscale or RGB)",
                           _fields, json_answer("top-k predictions", PREDICTIONS)),)
+
+    measure, default_min_agreement = "top1_agreement", 0.95
+
+    def compare(self, contract: ModelContract, primary: dict, candidate: dict) -> float | None:
+        name = contract.outputs[0].name
+        return top1_agreement(primary[name], candidate[name])
 
     async def classify(self, handle: ModelHandle, image: bytes, values: dict[str, Any]) -> dict:
         c = handle.contract

@@ -14,7 +14,7 @@ from services.budget import model_cost
 from services.errors import bad_request
 from services.imaging import encode_png, load_image
 from services.repository import ModelHandle
-from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_image_tensor, cpu_work, png_answer
+from services.tasks.base import ImageResult, image_psnr, NativeRoute, TaskHandler, Tensors, check_image_tensor, cpu_work, png_answer
 from services.tasks.images import GRAY_MODES, decode_cost, open_upload
 
 
@@ -30,6 +30,8 @@ class Denoising(TaskHandler):
     routes = (NativeRoute("/denoise", "denoise", "image", "Denoise an image", _fields,
                           png_answer("denoised PNG, same size and mode"), cancel_on_disconnect=True),)
     runs_long = True  # native size: a large photo is seconds of CPU
+
+    measure, default_min_agreement, compare = "psnr_db", 30.0, image_psnr
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
         noisy, level = contract.inputs[0].name, contract.inputs[1].name

@@ -104,6 +104,12 @@ class TextGeneration(TaskHandler):
     )
     runs_long = True
 
+    # A shadow rollout compares whole generations (the same prompt and seed on both), not the decoder's tensors.
+    measure, default_min_agreement = "token_agreement", 0.9
+
+    def compare(self, contract: ModelContract, primary: Tensors, candidate: Tensors) -> float | None:
+        return None
+
     @classmethod
     def runners(cls, stored: StoredVersion, session: OnnxSession, config: ServingConfig,
                 observer: Any) -> tuple[DynamicBatcher, Any]:

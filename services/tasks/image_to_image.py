@@ -16,7 +16,7 @@ from contract import ModelContract
 from services.budget import model_cost
 from services.imaging import encode_png, resized_size
 from services.repository import ModelHandle
-from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_image_inputs, cpu_work, png_answer
+from services.tasks.base import ImageResult, image_psnr, NativeRoute, TaskHandler, Tensors, check_image_inputs, cpu_work, png_answer
 from services.tasks.images import decode_cost, image_input, open_upload
 
 
@@ -30,6 +30,8 @@ class ImageToImage(TaskHandler):
                           "Transform an image (super-resolution and other image-to-image models)", _fields,
                           png_answer("the output image as PNG, at the model's scale"), cancel_on_disconnect=True),)
     runs_long = True  # attention over a large picture is seconds of CPU
+
+    measure, default_min_agreement, compare = "psnr_db", 30.0, image_psnr
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
         check_image_inputs(contract, feeds)

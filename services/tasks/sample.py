@@ -11,7 +11,7 @@ from contract import ModelContract
 from services.budget import model_cost
 from services.imaging import encode_png, grid
 from services.repository import ModelHandle
-from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_int, png_answer
+from services.tasks.base import ImageResult, image_psnr, NativeRoute, TaskHandler, Tensors, check_int, png_answer
 from services.errors import bad_request
 
 
@@ -27,6 +27,8 @@ class ImageGeneration(TaskHandler):
     default_model = "sample"
     routes = (NativeRoute("/sample", "sample", "json", "A grid of GAN samples", _fields,
                           png_answer("PNG grid, 8 samples per row; X-Seed holds the seed")),)
+
+    measure, default_min_agreement, compare = "psnr_db", 30.0, image_psnr
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
         for spec in contract.inputs:

@@ -17,6 +17,7 @@ from contract import ModelContract
 from services.budget import model_cost
 from services.imaging import encode_png
 from services.repository import ModelHandle
+from services.rollout import mean_iou
 from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_image_inputs, cpu_work, png_answer
 from services.tasks.images import decode_cost, image_input, open_upload
 
@@ -35,6 +36,20 @@ class Segmentation(TaskHandler):
 
     def check_values(self, contract: ModelContract, feeds: Tensors) -> None:
         check_image_inputs(contract, feeds)
+
+    measure, default_min_agreement = "miou", 0.9
+
+    def compare(self, contract: ModelContract, primary: dict, candidate: dict) -> float | None:
+        """Mean IoU of the candidate's mask against the primary's (per-class scores: their argmax)."""
+        a, b = primary[contract.outputs[0].name], candidate[contract.outputs[0].name]
+        if a.shape != b.shape:
+            return None
+        if np.dtype(a.dtype).kind == "f":
+            classes = a.shape[1]
+            a, b = a.argmax(axis=1), b.argmax(axis=1)
+        else:
+            classes = len(contract.labels) or int(max(a.max(), b.max())) + 1
+        return mean_iou(a.astype(np.int64), b.astype(np.int64), classes)
 
     async def segment(self, handle: ModelHandle, image: bytes, values: dict[str, Any]) -> ImageResult:
         """-> PNG mask at the upload's size."""

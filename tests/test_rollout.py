@@ -1,0 +1,214 @@
+"""Canary and shadow rollouts (services/rollout.py): the plans, the measures and the shared tallies
+without a server; then a real `bentoml serve` (two workers) that refuses a worse candidate, promotes
+an equal one, splits by percentage and by header, and compares text generations token by token."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from services.rollout import (PSNR_CAP_DB, RolloutPlan, Rollouts, mean_iou, psnr_db, requested_arm, token_agreement,
+                              top1_agreement)
+
+# ---- without a server -------------------------------------------------------------------------------
+
+
+def test_plans_parse_and_refuse_what_cannot_work():
+    plan = RolloutPlan.parse("classify=classify-int8;split=10;shadow=25;promote_after=200;min_agreement=0.97")
+    assert (plan.model, plan.candidate, plan.split, plan.shadow, plan.promote_after, plan.min_agreement) == \
+        ("classify", "classify-int8", 10.0, 25.0, 200, 0.97)
+    assert RolloutPlan.parse("classify=classify:v2;shadow=5").candidate_version == "v2"
+    for bad, says in [("classify", "model=candidate"), ("classify=classify", "needs a version"),
+                      ("classify=other:v2", "same model"), ("classify=x;split=120", "0..100"),
+                      ("classify=x;speed=3", "options are"), ("classify=x;promote_after=10", "needs comparisons"),
+                      ("Classify=x", "not a model name")]:
+        with pytest.raises(ValueError, match=says):
+            RolloutPlan.parse(bad)
+
+
+def test_measures():
+    scores = np.eye(4, dtype=np.float32)
+    assert top1_agreement(scores, scores) == 1.0
+    assert top1_agreement(scores, scores[[1, 0, 2, 3]]) == 0.5
+    mask = np.array([[0, 0, 1, 1]])
+    assert mean_iou(mask, mask, 3) == 1.0
+    assert mean_iou(mask, np.array([[0, 1, 1, 1]]), 3) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    image = np.linspace(0, 1, 100, dtype=np.float32)
+    assert psnr_db(image, image) == PSNR_CAP_DB
+    assert psnr_db(image, image + 0.01) == pytest.approx(40.0, abs=0.01)  # mse 1e-4 over a range of 1
+    assert token_agreement([1, 2, 3, 4], [1, 2, 9, 4, 5]) == 3 / 5
+    assert token_agreement([], []) == 1.0
+
+
+def test_split_shadow_and_header_choose_the_arm():
+    plan = RolloutPlan.parse("m=c;split=20;shadow=50")
+    rollouts = Rollouts([plan], rng=random.Random(0))
+    arms = [rollouts.choose(rollouts.active("m")) for _ in range(10_000)]
+    assert arms.count("candidate") / len(arms) == pytest.approx(0.2, abs=0.02)
+    assert arms.count("shadow") / len(arms) == pytest.approx(0.8 * 0.5, abs=0.02)
+    token = requested_arm.set("primary")
+    try:
+        assert {rollouts.choose(rollouts.active("m")) for _ in range(200)} == {"primary"}  # pinned: never shadowed
+    finally:
+        requested_arm.reset(token)
+
+
+def test_workers_share_plans_and_tallies(tmp_path):
+    """Two workers' objects over one folder: the configured plan is written once, a tally written by
+    one counts in the other's figures, a decision by one is seen by the other, and a second
+    decision on the same rollout is not written."""
+    configured = [RolloutPlan.parse("m=c;shadow=100;promote_after=4")]
+    first, second = Rollouts(configured, tmp_path), Rollouts(configured, tmp_path)
+    assert first.plans == second.plans
+    plan = first.active("m")
+    for value in (0.5, 1.0):
+        first.record(plan, "top1_agreement", value)
+    for value in (1.0, 1.0):
+        second.record(plan, "top1_agreement", value)
+    first.sync()
+    assert second.sync() == [second.active("m")]  # four comparisons over the two: due
+    assert second.figures("m") == {"comparisons": 4, "mean": 0.875, "measure": "top1_agreement", "skipped": 0}
+    refused = RolloutPlan(**{**plan.to_json(), "state": "refused"})
+    assert second.set(refused, only_if_running_since=plan.started_at)
+    assert not first.set(RolloutPlan(**{**plan.to_json(), "state": "promoted"}), only_if_running_since=plan.started_at)
+    time.sleep(0.01)
+    first.sync()
+    assert first.active("m") is None and first.plans["m"].state == "refused"
+
+
+# ---- a real server ------------------------------------------------------------------------------------
+
+from tests.conftest import ADMIN, MODEL_CONTROL, _TMP  # noqa: E402
+
+ROLLOUT_MODELS = "classify,classify-seed1,sample,sample-seed1,sample-fp16,generate,generate-seed1"
+
+
+@pytest.fixture(scope="module")
+def rollout_server(built_models, second_models, variant_models):
+    from loadtest.servers import start_suite
+
+    server = start_suite({"SUITE_WORKERS": "2", "SUITE_INTRA_OP_THREADS": "1", "SUITE_VARIANT": "fp32",
+                          "SUITE_MODELS": ROLLOUT_MODELS, "SUITE_DEFAULT_MODELS": "false",
+                          # a worse candidate, decided automatically after 12 comparisons over both workers
+                          "SUITE_ROLLOUTS": "sample=sample-seed1;shadow=100;promote_after=12",
+                          **MODEL_CONTROL}, _TMP / "serve-rollout.log", timeout=180)
+    try:
+        yield server
+    finally:
+        server.stop(grace=20)
+
+
+def rollout(url: str, model: str, action: str = "", body: dict | None = None, method: str = "post"):
+    path = f"{url}/v2/repository/models/{model}/rollout" + (f"/{action}" if action else "")
+    if method == "get":
+        return requests.get(path, headers=ADMIN, timeout=30)
+    return requests.post(path, json=body or {}, headers=ADMIN, timeout=60)
+
+
+def sample(url: str, seed: int, headers: dict | None = None) -> requests.Response:
+    answer = requests.post(f"{url}/sample", json={"n": 4, "seed": seed}, headers=headers or {}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+def compared(url: str, model: str, at_least: int, send) -> dict:
+    """Sends requests (``send(i)``) until the rollout's figures hold ``at_least`` comparisons: a
+    rollout started by one worker reaches the other within its watch interval (0.5 s)."""
+    for i in range(200):
+        send(i)
+        status = rollout(url, model, method="get").json()
+        if status.get("figures", {}).get("comparisons", 0) >= at_least:
+            return status
+    raise AssertionError(f"fewer than {at_least} comparisons: {status}")
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError("timed out")
+
+
+def test_a_worse_candidate_is_refused_automatically_with_its_figures(rollout_server):
+    url = rollout_server.url
+    for seed in range(16):
+        assert sample(url, seed).headers["x-model"].startswith("sample:")  # the primary answers every request
+    status = wait_for(lambda: (s := rollout(url, "sample", method="get").json())["state"] != "running" and s)
+    assert status["state"] == "refused", status
+    verdict = status["verdict"]
+    assert verdict["decision"] == "refused" and verdict["measure"] == "psnr_db"
+    assert verdict["comparisons"] >= 12 and verdict["mean"] < verdict["threshold"] == 30.0
+    assert sample(url, 99).headers["x-model"].startswith("sample:")  # refused: the primary keeps every request
+
+
+def test_an_equal_candidate_is_promoted_and_a_worse_one_refused_on_call(rollout_server):
+    url = rollout_server.url
+    started = rollout(url, "sample", body={"candidate": "sample-seed1", "shadow": 100})
+    assert started.status_code == 200 and started.json()["state"] == "running", started.text
+    compared(url, "sample", 6, lambda i: sample(url, i))
+    refused = rollout(url, "sample", "promote")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["field"] == "candidate" and refused.json()["details"]["mean"] < 30.0
+
+    started = rollout(url, "sample", body={"candidate": "sample-fp16", "shadow": 100})
+    assert started.status_code == 200, started.text
+    compared(url, "sample", 8, lambda i: sample(url, i))
+    promoted = rollout(url, "sample", "promote")
+    assert promoted.status_code == 200, promoted.text
+    body = promoted.json()
+    assert body["state"] == "promoted" and body["verdict"]["mean"] >= 30.0, body
+    # Every worker routes /sample to the promoted variant from now on.
+    wait_for(lambda: all(sample(url, s).headers["x-model"].startswith("sample-fp16:") for s in range(6)))
+
+
+def test_canary_split_and_header(rollout_server):
+    url = rollout_server.url
+    from loadtest.payloads import digit_png
+
+    image, _ = digit_png()
+    answer = rollout(url, "classify", body={"candidate": "classify-seed1", "split": 100})
+    assert answer.status_code == 200, answer.text
+
+    def classify(headers=None):
+        reply = requests.post(f"{url}/classify", files={"image": ("d.png", image, "image/png")},
+                              headers=headers or {}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["model"]
+
+    wait_for(lambda: all(classify().startswith("classify-seed1:") for _ in range(4)), timeout=10)
+    assert classify({"x-suite-rollout": "primary"}).startswith("classify:")
+    assert rollout(url, "classify", "stop").json()["state"] == "stopped"
+    wait_for(lambda: all(classify().startswith("classify:") for _ in range(4)), timeout=10)
+    assert rollout(url, "classify", "stop").status_code == 404  # nothing running now
+    bad = rollout(url, "classify", body={"candidate": "sample"})
+    assert bad.status_code == 400 and "serves" in bad.json()["error"]
+    assert rollout(url, "classify", body={"candidate": "nope"}).status_code == 404
+    assert rollout(url, "classify", body={"candidate": "classify-seed1", "split": 300}).status_code == 400
+
+
+def test_text_generations_are_compared_token_by_token(rollout_server):
+    url = rollout_server.url
+    answer = rollout(url, "generate", body={"candidate": "generate-seed1", "shadow": 100})
+    assert answer.status_code == 200, answer.text
+
+    def generate(seed: int) -> None:
+        reply = requests.post(f"{url}/generate", json={"prompt": "ROMEO:", "max_new_tokens": 12, "seed": seed},
+                              timeout=60)
+        assert reply.status_code == 200 and reply.json()["model"].startswith("generate:"), reply.text
+        time.sleep(0.2)  # the candidate's generation finishes after the primary's answer
+
+    figures = compared(url, "generate", 4, generate)["figures"]
+    assert figures["measure"] == "token_agreement" and 0 <= figures["mean"] <= 1
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    count = re.search(r'suite_shadow_measure_count\{candidate="generate-seed1",measure="token_agreement",'
+                      r'model="generate"\} (\S+)', metrics)
+    assert count and float(count.group(1)) >= 4
+    assert re.search(r'suite_rollout_requests_total\{arm="shadow",model="generate"\} [1-9]', metrics)

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def start_labelled_suite(env_overrides: dict, workdir: Path, suite_dir: Path) -> Server:
-    label = "suite" + "".join(f"_{k}={v}" for k, v in env_overrides.items())
+    label = ("suite" + "".join(f"_{k}={v}" for k, v in env_overrides.items())).replace("/", "_")[:200]
     server = start_suite(env_overrides, workdir / f"{label}.log", cwd=suite_dir)
     # /readyz answers once one worker is up; a worker still loading accepts nothing, and wrk's
     # keep-alive connections would all stay with the first. Wait for every worker's listeners.

@@ -126,6 +126,12 @@ class ServingConfig:
     rollouts: tuple[str, ...] = ()  # canary / shadow rollouts started with the server (services/rollout.py), each
     #   "model=candidate;split=10;shadow=10;promote_after=200;min_agreement=0.95" (candidate: another served model
     #   of the task, or model:version); model control's /rollout routes start, promote and stop them at run time
+    payload_log: str = ""  # sampled request records as JSON lines: "stdout", or a file every worker appends to
+    #   (rotated by size); empty = off. Written by a thread: a writer that falls behind drops records (counted)
+    payload_log_sample: float = 1.0  # the share of requests recorded (0..1)
+    payload_log_raw: bool = False  # the raw input in each record too (up to 1 MiB; images base64), not only a summary
+    payload_log_max_bytes: int = 64 * 1024 * 1024  # the file's size before it is rotated to <file>.1
+    payload_log_backups: int = 5  # rotated files kept
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API ("https://app.example.com",
     #   or "*"); empty = no CORS headers at all (browsers then refuse cross-origin calls). Preflights are answered
     #   before the API key is checked, as browsers send them without credentials
@@ -242,6 +248,10 @@ class ServingConfig:
         for origin in self.cors_origins:
             if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
                 raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path) or *")
+        if not 0 <= self.payload_log_sample <= 1:
+            raise ValueError("payload_log_sample must be in [0, 1]")
+        if self.payload_log_max_bytes < 4096 or self.payload_log_backups < 0:
+            raise ValueError("payload_log_max_bytes must be >= 4096 and payload_log_backups >= 0")
         if self.cors_max_age_s < 0:
             raise ValueError("cors_max_age_s must be >= 0")
         for name in ("header_timeout_s", "body_timeout_s"):

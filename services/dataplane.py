@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
@@ -15,11 +16,13 @@ import numpy as np
 
 from services.budget import MemoryBudget
 from services.errors import ServingError, bad_request, unavailable
-from services.rollout import RolloutPlan, Rollouts, token_agreement
+from services.payload_log import DriftMonitor, PayloadLog, record, summarize_answer, summarize_image, \
+    summarize_tensors, summarize_value
+from services.rollout import WATCH_S, RolloutPlan, Rollouts, token_agreement
 from contract import ModelContract
-from services.repository import ModelHandle, ModelRepository, WantedState
+from services.repository import ModelHandle, ModelRepository, WantedState, batch_major
 from services.tasks import task_classes
-from services.tasks.base import NativeRoute, TaskHandler
+from services.tasks.base import EventStream, NativeRoute, TaskHandler
 
 log = logging.getLogger("services.dataplane")
 SERVER_NAME = "model-suite"
@@ -39,10 +42,15 @@ class InferResult:
 
 class DataPlane:
     def __init__(self, repository: ModelRepository, server_version: str = "", control: Any = None,
-                 budget: MemoryBudget | None = None, rollouts: Rollouts | None = None):
+                 budget: MemoryBudget | None = None, rollouts: Rollouts | None = None,
+                 payload_log: PayloadLog | None = None, drift: DriftMonitor | None = None):
         self.repository = repository
+        self.payload_log = payload_log or PayloadLog(None)  # sampled request records (services/payload_log.py)
+        self.drift = drift  # OOD and predicted-class drift per model; None: not measured
+        self._observing = self.payload_log.enabled or drift is not None
         self.rollouts = rollouts or Rollouts([])  # canary and shadow rollouts (services/rollout.py)
         self.rollouts.on_decided = self._decided
+        self._shadow_queues: dict[tuple, ShadowQueue] = {}
         self.server_version = server_version
         self.control = control  # model control across workers (services.control.ModelControl); None: this process
         self.budget = budget or MemoryBudget(None)  # this worker's memory for requests in flight
@@ -233,8 +241,11 @@ class DataPlane:
                     requested: Iterable[str] | None = None) -> InferResult:
         handle = await self._handle(name, version)
         handler = self.handler(handle.contract)
+        started = time.perf_counter()
         result = await handler.infer_tensors(handle, feeds, parameters or {})
         outputs = result.outputs
+        if self._observing:
+            self._observe_tensors(handle, feeds, outputs, time.perf_counter() - started)
         if requested is not None:
             requested = list(requested)
             unknown = [n for n in requested if n not in outputs]
@@ -290,7 +301,49 @@ class DataPlane:
                          values: dict[str, Any]) -> Any:
         """One native request: the route's work on the chosen model."""
         handler, handle = await self.task_handle(task, model)
-        return await getattr(handler, route.run)(handle, image, values)
+        if not self._observing:
+            return await getattr(handler, route.run)(handle, image, values)
+        started = time.perf_counter()
+        answer = await getattr(handler, route.run)(handle, image, values)
+        if isinstance(answer, dict) and self.drift is not None and "predictions" in answer:
+            top = answer["predictions"][0]["class_id"] if answer["predictions"] else None
+            self.drift.observe(handle.name, handle.contract, top, answer.get("ood_score"))
+        if self.payload_log.sampled():
+            raw = self.payload_log.raw
+            request = {"fields": {k: summarize_value(v, raw) for k, v in values.items()}}
+            if image is not None:
+                request["image"] = summarize_image(image, raw)
+            if isinstance(answer, EventStream):  # recorded when the stream ends
+                answer.events = self._logged_stream(answer.events, handle, route.path, request, started)
+            else:
+                self.payload_log.write(record(handle, route.path, time.perf_counter() - started, request,
+                                              summarize_answer(answer), answer.get("ood_score")
+                                              if isinstance(answer, dict) else None))
+        return answer
+
+    async def _logged_stream(self, events: AsyncIterator[dict], handle: ModelHandle, route: str, request: dict,
+                             started: float) -> AsyncIterator[dict]:
+        count, last = 0, {}
+        async for event in events:
+            count += 1
+            last = event
+            yield event
+        summary = {k: v for k, v in summarize_answer(last).items() if k in ("finish_reason", "usage", "seed")}
+        self.payload_log.write(record(handle, route, time.perf_counter() - started, request,
+                                      {"events": count, **summary}))
+
+    def _observe_tensors(self, handle: ModelHandle, feeds: Tensors, outputs: Tensors, seconds: float) -> None:
+        """Drift and the payload log for a tensor request (Open Inference Protocol)."""
+        contract = handle.contract
+        ood = outputs.get("ood_score")
+        if self.drift is not None and contract.task == "image-classification":
+            scores = outputs.get(contract.outputs[0].name)
+            classes = scores.reshape(len(scores), -1).argmax(axis=1) if scores is not None and scores.ndim else None
+            self.drift.observe(handle.name, contract, classes, ood)
+        if self.payload_log.sampled():
+            self.payload_log.write(record(handle, "infer", seconds, summarize_tensors(feeds, self.payload_log.raw),
+                                          summarize_tensors(outputs, False),
+                                          ood[0] if ood is not None and ood.size == 1 else None))
 
     async def infer_stream(self, name: str, version: str | None, feeds: Tensors,
                            parameters: Mapping[str, Any] | None = None) -> AsyncIterator[InferResult]:
@@ -327,8 +380,17 @@ class DataPlane:
                     return candidate
         primary = await self.repository.handle(self.route(name), None)
         if arm == "shadow":
-            return ShadowedHandle(primary, candidate, self.handler(primary.contract), plan, self.rollouts)
+            return ShadowedHandle(primary, candidate, self._shadow_queue(plan, primary, candidate))
         return primary
+
+    def _shadow_queue(self, plan: RolloutPlan, primary: ModelHandle, candidate: ModelHandle) -> ShadowQueue:
+        key = (plan.model, plan.started_at, primary.tag, candidate.tag)
+        queue = self._shadow_queues.get(key)
+        if queue is None:
+            self._shadow_queues = {k: q for k, q in self._shadow_queues.items() if k[0] != plan.model}  # older ones
+            queue = self._shadow_queues[key] = ShadowQueue(candidate, self.handler(primary.contract), primary.contract,
+                                                           plan, self.rollouts)
+        return queue
 
     # ---- rollouts (canary and shadow; model control's admin routes) ---------------------------------
 
@@ -386,11 +448,14 @@ class DataPlane:
     def _verdict(self, plan: RolloutPlan, decision: str) -> dict:
         return {"decision": decision, **self.rollouts.figures(plan.model), "threshold": self._threshold(plan)}
 
-    async def promote(self, model: str, force: bool = False) -> dict:
+    async def promote(self, model: str, force: bool = False, settle_s: float = WATCH_S + 0.1) -> dict:
         """Promotes the running rollout's candidate when its measured agreement with the primary
         reaches the threshold (``force``: whatever was measured); refuses it (409, with the figures)
         when it does not. A promoted version becomes the model's serving version; a promoted
-        variant or model answers the model's requests from then on (until its rollout is replaced)."""
+        variant or model answers the model's requests from then on (until its rollout is replaced).
+        ``settle_s``: first wait for every worker's tally to be written (they are every WATCH_S)."""
+        if settle_s:
+            await asyncio.sleep(settle_s)
         self.rollouts.refresh()
         plan = self.rollouts.plans.get(model)
         if plan is None or not plan.running:
@@ -417,7 +482,7 @@ class DataPlane:
         """A worker's tally reached ``promote_after``: decide now (in the background)."""
         async def decide() -> None:
             try:
-                await self.promote(plan.model)
+                await self.promote(plan.model, settle_s=0)  # counted already
             except ServingError as exc:
                 log.warning("rollout of %s: %s", plan.model, exc.message)
 
@@ -488,26 +553,74 @@ class ShadowedHandle(ModelHandle):
     session run (and, for text, each generation) is repeated on the candidate in the background and
     compared by the task's measure; the client gets the primary's answer, never delayed by it."""
 
-    def __init__(self, primary: ModelHandle, candidate: ModelHandle, handler: TaskHandler, plan: RolloutPlan,
-                 rollouts: Rollouts):
+    def __init__(self, primary: ModelHandle, candidate: ModelHandle, shadows: "ShadowQueue"):
         self.__dict__.update(primary.__dict__)
-        self._primary, self._candidate, self._handler = primary, candidate, handler
-        self._plan, self._rollouts = plan, rollouts
+        self._primary, self._shadows = primary, shadows
         if primary.engine is not None and candidate.engine is not None:
-            self.engine = ShadowEngine(primary.engine, candidate.engine, plan, rollouts)
+            self.engine = ShadowEngine(primary.engine, candidate.engine, shadows.plan, shadows.rollouts)
 
     async def infer(self, feeds: Tensors) -> Tensors:
         outputs = await self._primary.infer(feeds)
-        self._rollouts.spawn(self._plan, self._compare(feeds, outputs))
+        self._shadows.add(feeds, outputs)
         return outputs
 
-    async def _compare(self, feeds: Tensors, outputs: Tensors):
-        handler = self._handler
+
+class ShadowQueue:
+    """One rollout's shadow runs, stacked: nobody waits for them, so the candidate runs the rows of
+    many requests in one session run (up to ``max_rows``, or what came in ``max_wait_s``) and each
+    request's rows are compared on their own. Measured on /classify at 32 connections: shadowing 10 %
+    one request at a time cost 8 % of the throughput (a session run per shadowed request)."""
+
+    def __init__(self, candidate: ModelHandle, handler: TaskHandler, contract: ModelContract, plan: RolloutPlan,
+                 rollouts: Rollouts, max_rows: int = 64, max_wait_s: float = 0.05):
+        self.candidate, self.handler, self.contract = candidate, handler, contract
+        self.plan, self.rollouts = plan, rollouts
+        self.stacks = batch_major(contract) and batch_major(candidate.contract)
+        self.max_rows = min(max_rows, candidate.contract.max_batch or max_rows)
+        self.max_wait_s = max_wait_s
+        self._pending: list[tuple[Tensors, Tensors]] = []
+        self._rows = 0
+        self._signature = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, feeds: Tensors, outputs: Tensors) -> None:
+        if not self.stacks:
+            self.rollouts.spawn(self.plan, self._run([(feeds, outputs)]))
+            return
+        signature = tuple((name, a.shape[1:], a.dtype.str) for name, a in feeds.items())
+        if self._pending and signature != self._signature:  # rows of another shape: run what is stacked first
+            self.flush()
+        self._signature = signature
+        self._pending.append((feeds, outputs))
+        self._rows += len(next(iter(feeds.values())))
+        if self._rows >= self.max_rows:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            batch, self._pending, self._rows = self._pending, [], 0
+            self.rollouts.spawn(self.plan, self._run(batch))
+
+    async def _run(self, batch: list[tuple[Tensors, Tensors]]) -> list:
+        handler = self.handler
+        feeds = batch[0][0] if len(batch) == 1 else {
+            name: np.concatenate([f[name] for f, _ in batch]) for name in batch[0][0]}
         # The shadow run holds memory like a request: it waits for the worker's budget (or fails, counted).
-        async with handler.budget.reserve(handler.tensor_cost(self._candidate.contract, feeds), "a shadow run"):
-            theirs = await self._candidate.infer(feeds)
-        value = handler.compare(self.contract, outputs, theirs)
-        return None if value is None else (handler.measure, value)
+        async with handler.budget.reserve(handler.tensor_cost(self.candidate.contract, feeds), "a shadow run"):
+            theirs = await self.candidate.infer(feeds)
+        results, start = [], 0
+        for request_feeds, outputs in batch:
+            rows = len(next(iter(request_feeds.values()))) if self.stacks else None
+            mine = theirs if rows is None else {k: v[start:start + rows] for k, v in theirs.items()}
+            start += rows or 0
+            value = handler.compare(self.contract, outputs, mine)
+            results.append(None if value is None else (handler.measure, value))
+        return results
 
 
 class ShadowEngine:

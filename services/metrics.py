@@ -9,6 +9,7 @@ from typing import Any
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OCCUPANCY_BUCKETS = (0.125, 0.25, 0.5, 0.75, 1.0)
+OOD_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -53,9 +54,20 @@ class ServingMetrics:
                                       registry=registry)
         self.shadow_skipped_runs = Counter("suite_shadow_skipped", "Shadow runs not compared, per reason",
                                            ["model", "reason"], registry=registry)
+        # Payload logging and drift (services/payload_log.py).
+        self.ood_scores = Histogram("suite_ood_score", "Out-of-distribution score of each answered input, per model",
+                                    ["model"], buckets=OOD_BUCKETS, registry=registry)
+        self.class_psi_gauge = Gauge("suite_class_psi", "Population stability index of the predicted classes over "
+                                     "a worker's last 2,000 answers against the training distribution (the "
+                                     "highest of the workers')", ["model"], multiprocess_mode="livemax",
+                                     registry=registry)
+        self.payload_log_dropped = Counter("suite_payload_log_dropped", "Payload records dropped because the "
+                                           "writer was behind", registry=registry)
         self._models = set(models)
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
+        self._ood_children: dict[str, Any] = {}
+        self._arm_children: dict[tuple[str, str], Any] = {}
 
     def observer(self, model: str) -> "ModelObserver":
         self._models.add(model)  # a model found after start-up (an import) is counted under its own name
@@ -77,13 +89,29 @@ class ServingMetrics:
 
 
     def rollout_request(self, model: str, arm: str) -> None:
-        self.rollout_requests.labels(model, arm).inc()
+        child = self._arm_children.get((model, arm))
+        if child is None:
+            child = self._arm_children[(model, arm)] = self.rollout_requests.labels(model, arm)
+        child.inc()
 
     def shadow_compared(self, model: str, candidate: str, measure: str, value: float) -> None:
         self.shadow_measure.labels(model, candidate, measure).observe(value)
 
     def shadow_skipped(self, model: str, reason: str) -> None:
         self.shadow_skipped_runs.labels(model, reason).inc()
+
+
+    def ood_score(self, model: str, score: float) -> None:
+        child = self._ood_children.get(model)
+        if child is None:
+            child = self._ood_children[model] = self.ood_scores.labels(model)
+        child.observe(score)
+
+    def class_psi(self, model: str, psi: float) -> None:
+        self.class_psi_gauge.labels(model).set(psi)
+
+    def payload_dropped(self) -> None:
+        self.payload_log_dropped.inc()
 
 
 def exposition() -> tuple[bytes, str]:

@@ -41,6 +41,7 @@ ARMS = ("primary", "candidate")
 requested_arm: contextvars.ContextVar[str | None] = contextvars.ContextVar("requested_arm", default=None)
 PSNR_CAP_DB = 100.0  # identical images have an infinite PSNR; capped so means stay finite
 MAX_SHADOWS_IN_FLIGHT = 8  # per worker: more shadow runs are skipped (counted), never queued behind clients
+WATCH_S = 0.5  # how often a worker re-reads the shared plans and writes its tally
 STATES = ("running", "promoted", "refused", "stopped")
 
 
@@ -257,7 +258,7 @@ class Rollouts:
         return [plan for plan in self.plans.values() if plan.running and plan.promote_after and
                 plan.model in self.tallies and self.figures(plan.model)["comparisons"] >= plan.promote_after]
 
-    async def run(self, every_s: float = 0.5) -> None:
+    async def run(self, every_s: float = WATCH_S) -> None:
         """The watch loop (a task for the worker's lifetime): shares plans and tallies, and decides a
         rollout whose comparisons over every worker reached ``promote_after``."""
         loop = asyncio.get_running_loop()
@@ -312,11 +313,11 @@ class Rollouts:
             log.warning("shadow run on %s failed: %s", plan.candidate, exc)
             self.skip(plan, "failed")
             return
-        if result is None:
-            self.skip(plan, "incomparable")
-            return
-        measure, value = result
-        self.record(plan, measure, value)
+        for one in result if isinstance(result, list) else [result]:  # a stacked shadow run: one per request
+            if one is None:
+                self.skip(plan, "incomparable")
+            else:
+                self.record(plan, *one)
 
     def _tally(self, plan: RolloutPlan, measure: str) -> Tally:
         tally = self.tallies.get(plan.model)

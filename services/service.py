@@ -33,6 +33,7 @@ from services.frontends.openapi import add_openapi_route
 from services.frontends.probes import ProbeServer, ProbeState
 from services.metrics import ServingMetrics, exposition
 from services.repository import ModelRepository, model_store, served_names
+from services.payload_log import DriftMonitor, PayloadLog
 from services.rollout import RolloutPlan, Rollouts
 from services.tasks import default_models, runners_for, task_classes
 
@@ -113,8 +114,10 @@ class Suite:
         log.info("memory budget for requests: %s per worker", budget.describe())
         rollouts = Rollouts([RolloutPlan.parse(entry) for entry in CONFIG.rollouts], self.control.file.folder,
                             self.metrics)
+        payload_log = PayloadLog(CONFIG.payload_log or None, CONFIG.payload_log_sample, CONFIG.payload_log_raw,
+                                 CONFIG.payload_log_max_bytes, CONFIG.payload_log_backups, self.metrics)
         self.plane = DataPlane(self.repository, server_version=bentoml.__version__, control=self.control, budget=budget,
-                               rollouts=rollouts)
+                               rollouts=rollouts, payload_log=payload_log, drift=DriftMonitor(self.metrics))
         for plan in rollouts.plans.values():
             if plan.running:
                 self.plane.check_rollout(plan)  # a configured candidate that cannot serve stops the start-up
@@ -151,5 +154,6 @@ class Suite:
         if self.grpc is not None:
             await self.grpc.stop()
         await self.repository.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.plane.payload_log.close)
         if self.probes is not None:
             self.probes.stop()

@@ -257,7 +257,12 @@ class ClassifyFamily(Family):
         raw = endless_batches((images[train_idx], labels[train_idx]), train_cfg.batch_size, seed)
         batches = ((self.normalize(cfg, random_affine(x, gen)), y) for x, y in raw)
         heldout = (self.normalize(cfg, images[held_idx]), labels[held_idx])
-        return Data(batches, heldout, fp, desc, meta={"labels": names, "heldout_size": len(held_idx)},
+        # The training labels' distribution: the reference the server's drift metric (PSI of predicted
+        # classes) compares its answers against.
+        counts = torch.bincount(labels[train_idx], minlength=len(names)).double()
+        distribution = [round(float(c), 6) for c in counts / counts.sum()]
+        return Data(batches, heldout, fp, desc, meta={"labels": names, "heldout_size": len(held_idx),
+                                                       "label_distribution": distribution},
                     extra={"ood": ood_images(cfg, seed) if cfg.ood else {}})
 
     @staticmethod
@@ -324,4 +329,6 @@ class ClassifyFamily(Family):
             image=ImageSpec(height=s, width=s, channels=1, mean=cfg.mean, std=cfg.std, foreground="light"),
             labels=list(checkpoint["data"]["labels"]),
             limits={"max_pixels": 16_000_000, "max_batch": 256},
+            extra={"label_distribution": checkpoint["data"]["label_distribution"]}
+            if "label_distribution" in checkpoint["data"] else {},
         )

@@ -1,9 +1,14 @@
-"""Canary and shadow rollouts (services/rollout.py): the plans, the measures and the shared tallies
-without a server; then a real `bentoml serve` (two workers) that refuses a worse candidate, promotes
-an equal one, splits by percentage and by header, and compares text generations token by token."""
+"""Operations beyond one pod, without a server and then on a real `bentoml serve` (two workers):
+
+- canary and shadow rollouts (services/rollout.py): plans, measures, shared tallies; a worse
+  candidate refused, an equal one promoted, splits by percentage and header, text compared token
+  by token;
+- payload logging and drift (services/payload_log.py): records, rotation shared by workers, a
+  writer that never blocks, the OOD histogram and the PSI of predicted classes."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -12,6 +17,9 @@ import numpy as np
 import pytest
 import requests
 
+from loadtest.payloads import digit_png, png_bytes
+from services.payload_log import (DriftMonitor, PayloadLog, RotatingLines, population_stability_index,
+                                  summarize_tensors)
 from services.rollout import (PSNR_CAP_DB, RolloutPlan, Rollouts, mean_iou, psnr_db, requested_arm, token_agreement,
                               top1_agreement)
 
@@ -81,10 +89,81 @@ def test_workers_share_plans_and_tallies(tmp_path):
     assert first.active("m") is None and first.plans["m"].state == "refused"
 
 
+def test_payload_file_rotates_under_two_writers_without_losing_a_line(tmp_path):
+    path = tmp_path / "payloads.jsonl"
+    writers = [RotatingLines(path, 4096, backups=50), RotatingLines(path, 4096, backups=50)]
+    for i in range(400):
+        writers[i % 2].write(json.dumps({"i": i, "pad": "x" * 40}).encode() + b"\n")
+    for writer in writers:
+        writer.close()
+    files = sorted(tmp_path.glob("payloads.jsonl*"))
+    assert len(files) > 3 and all(f.stat().st_size < 4096 + 200 for f in files)
+    seen = sorted(json.loads(line)["i"] for f in files for line in f.read_text().splitlines())
+    assert seen == list(range(400))  # every line whole, none lost or doubled
+
+
+def test_payload_log_never_blocks_and_counts_what_it_drops(tmp_path, monkeypatch):
+    import services.payload_log as payload_log
+
+    monkeypatch.setattr(payload_log, "QUEUE_RECORDS", 10)
+    log = PayloadLog(str(tmp_path / "p.jsonl"))
+    log._thread = object()  # a writer that never runs: the queue fills
+    started = time.perf_counter()
+    for i in range(100):
+        log.write({"i": i})
+    assert time.perf_counter() - started < 0.5 and log.dropped == 90
+    log._thread = None
+    log.close()  # nothing started: nothing to wait for
+    monkeypatch.undo()
+    written = PayloadLog(str(tmp_path / "q.jsonl"))
+    for i in range(50):
+        written.write({"i": i})
+    written.close()  # drains the queue before the writer stops
+    assert [json.loads(line)["i"] for line in (tmp_path / "q.jsonl").read_text().splitlines()] == list(range(50))
+    sampled = PayloadLog("stdout", sample=0.25, rng=random.Random(1))
+    assert sum(sampled.sampled() for _ in range(4000)) == pytest.approx(1000, abs=100)
+    assert not PayloadLog(None).sampled()
+
+
+def test_summaries_keep_no_raw_payload_unless_asked():
+    tensors = {"image": np.ones((1, 1, 4, 4), np.float32)}
+    assert summarize_tensors(tensors, raw=False)["image"] == {"shape": [1, 1, 4, 4], "dtype": "float32",
+                                                             "mean": 1.0, "std": 0.0}
+    assert "raw" in summarize_tensors(tensors, raw=True)["image"]
+
+
+def test_psi_and_drift_monitor():
+    uniform = np.full(10, 0.1)
+    assert population_stability_index(uniform, uniform) == 0.0
+    assert population_stability_index(uniform, np.eye(10)[3]) > 2.0  # every answer one class: a large shift
+
+    class Contract:
+        extra = {"label_distribution": list(uniform)}
+
+    seen = {}
+
+    class Metrics:
+        def class_psi(self, model, psi):
+            seen["psi"] = psi
+
+        def ood_score(self, model, score):
+            seen.setdefault("ood", []).append(score)
+
+    drift = DriftMonitor(Metrics(), window=500, minimum=100)
+    rng = np.random.default_rng(0)
+    for class_id in rng.integers(0, 10, 1000):
+        drift.observe("m", Contract(), int(class_id), 0.5)
+    assert drift.psi("m") < 0.05 and seen["psi"] < 0.05 and len(seen["ood"]) == 1000
+    for _ in range(500):  # the window moves to one class
+        drift.observe("m", Contract(), 3)
+    assert drift.psi("m") > 2.0 and seen["psi"] > 2.0
+
+
 # ---- a real server ------------------------------------------------------------------------------------
 
 from tests.conftest import ADMIN, MODEL_CONTROL, _TMP  # noqa: E402
 
+PAYLOADS = _TMP / "payloads" / "requests.jsonl"
 ROLLOUT_MODELS = "classify,classify-seed1,sample,sample-seed1,sample-fp16,generate,generate-seed1"
 
 
@@ -96,6 +175,7 @@ def rollout_server(built_models, second_models, variant_models):
                           "SUITE_MODELS": ROLLOUT_MODELS, "SUITE_DEFAULT_MODELS": "false",
                           # a worse candidate, decided automatically after 12 comparisons over both workers
                           "SUITE_ROLLOUTS": "sample=sample-seed1;shadow=100;promote_after=12",
+                          "SUITE_PAYLOAD_LOG": str(PAYLOADS), "SUITE_PAYLOAD_LOG_MAX_BYTES": "65536",
                           **MODEL_CONTROL}, _TMP / "serve-rollout.log", timeout=180)
     try:
         yield server
@@ -171,7 +251,6 @@ def test_an_equal_candidate_is_promoted_and_a_worse_one_refused_on_call(rollout_
 
 def test_canary_split_and_header(rollout_server):
     url = rollout_server.url
-    from loadtest.payloads import digit_png
 
     image, _ = digit_png()
     answer = rollout(url, "classify", body={"candidate": "classify-seed1", "split": 100})
@@ -212,3 +291,42 @@ def test_text_generations_are_compared_token_by_token(rollout_server):
                       r'model="generate"\} (\S+)', metrics)
     assert count and float(count.group(1)) >= 4
     assert re.search(r'suite_rollout_requests_total\{arm="shadow",model="generate"\} [1-9]', metrics)
+
+
+def test_payload_records_and_drift_metrics(rollout_server):
+    """Every request recorded (sampling 1.0) with a summary and no raw payload; the file rotates at
+    its size; one digit sent over and over shows as drift in the PSI; noise shows in the OOD
+    histogram's top bucket."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = rollout_server.url
+    digit, _ = digit_png()
+    noise = png_bytes((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
+
+    def classify(image):
+        reply = requests.post(f"{url}/classify", files={"image": ("d.png", image, "image/png")}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    with ThreadPoolExecutor(4) as pool:  # more than each worker's 200-answer minimum for a PSI
+        answers = list(pool.map(classify, [digit] * 600 + [noise] * 20))
+    assert answers[-1]["ood_score"] > 0.9
+    metrics = wait_for(lambda: (m := requests.get(f"{url}/metrics", timeout=10).text) and
+                       'suite_class_psi{model="classify"}' in m and m)
+    psi = float(re.search(r'suite_class_psi\{model="classify"\} (\S+)', metrics).group(1))
+    assert psi > 1.0  # one class against the digits' ten
+    below = float(re.search(r'suite_ood_score_bucket\{le="0.99",model="classify"\} (\S+)', metrics).group(1))
+    total = float(re.search(r'suite_ood_score_count\{model="classify"\} (\S+)', metrics).group(1))
+    assert total >= 620 and total - below >= 20  # the noise lies above every held-out digit
+
+    def records():
+        lines = [line for f in PAYLOADS.parent.glob("requests.jsonl*") for line in f.read_text().splitlines()]
+        return [json.loads(line) for line in lines]
+
+    found = wait_for(lambda: (r := [x for x in records() if x["route"] == "/classify"]) and len(r) >= 620 and r)
+    assert len(list(PAYLOADS.parent.glob("requests.jsonl.*"))) >= 1  # rotated at 64 KiB
+    one = found[-1]
+    assert one["model"] == "classify" and one["variant"] == "fp32" and one["latency_ms"] > 0
+    assert one["input"]["image"]["format"] == "png" and "raw" not in one["input"]["image"]
+    assert one["output"]["top"]["label"] and 0 <= one["ood_score"] <= 1
+

@@ -10,7 +10,10 @@ baseline first and last (their spread is the noise floor):
 - ``baseline``: the defaults;
 - ``shadow10``: a rollout shadowing 10 % of requests on another stored version of classify (the
   same cost: the shadow run is a real second inference), compared by top-1 agreement;
-- ``payload100``: payload logging at 100 % sampling to a file, summaries only (no raw payloads).
+- ``payload100``: payload logging at 100 % sampling to a file, summaries only (no raw payloads);
+- ``batch``: the offline batch command (``python -m services.batch``, as many processes as the
+  server's workers) over a folder of ``--batch-items`` digit PNGs of the same size, timed from the
+  command's start (model loading included) to its output file.
 
 Prints req/s (the median of ``--repeats`` runs), p50/p99 and the ratio to the baseline's mean."""
 
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--batch-items", type=int, default=40_000)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-operations-"))
     base = {"SUITE_MODELS": "classify", "SUITE_DEFAULT_MODELS": "false", "SUITE_VARIANT": "fp32"}
@@ -75,12 +79,40 @@ def main() -> None:
         errors = sum(r.errors for r in runs)
         print(f"{label:15s} {median.rps:8.1f} req/s  p50 {median.p50_ms:6.2f} ms  p99 {median.p99_ms:6.2f} ms  "
               f"runs {[round(r.rps) for r in runs]}  errors {errors}", flush=True)
+    batch_rate = run_batch(workdir, args.batch_items)
     baseline = statistics.mean([rows["baseline"].rps, rows["baseline again"].rps])
     print(f"\nbaseline (mean of first and last): {baseline:.1f} req/s; spread "
           f"{abs(rows['baseline'].rps - rows['baseline again'].rps) / baseline:.1%}")
     for label in ("shadow10", "payload100"):
         print(f"{label}: {rows[label].rps / baseline:.3f}x the baseline's throughput "
               f"(cost {1 - rows[label].rps / baseline:+.1%})")
+    print(f"batch: {batch_rate:.1f} images/s = {batch_rate / baseline:.2f}x the server's baseline req/s")
+
+
+def run_batch(workdir: Path, items: int) -> float:
+    """Images/s of the batch command over ``items`` 64x64 digit PNGs (wall time of the command)."""
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from loadtest.payloads import png_bytes
+
+    digits = load_digits().images
+    folder = workdir / "digits"
+    for i in range(items):
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = np.kron((digits[i % len(digits)] / 16 * 255).astype(np.uint8), np.ones((8, 8), np.uint8))
+        (sub / f"{i:06d}.png").write_bytes(png_bytes(pixels))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "services.batch", "classify", str(folder), str(workdir / "batch.jsonl"),
+                    "--quiet"], check=True, cwd=REPO)
+    rate = items / (time.perf_counter() - started)
+    print(f"batch          {rate:8.1f} images/s  ({items} images, wall time of the command)", flush=True)
+    return rate
 
 
 if __name__ == "__main__":

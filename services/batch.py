@@ -13,7 +13,7 @@ relative to the manifest's folder) for image routes, and the route's fields (``t
 ``seed``...); ``--field`` gives defaults for every item.
 
 Output: one JSON line per item, ``{"index", "id", "model", ...the route's answer}`` (or ``error``
-and ``status`` for an item the model refuses); image answers go to PNG files beside it, named by
+and ``status`` for an item the model refuses), in the order items finished (join on ``index`` or ``id``); image answers go to PNG files beside it, named by
 the line. Lines are appended to per-process part files under ``<output>.partial/`` while the run
 goes; the output file appears (written to a temporary name, then renamed) only when every item is
 done. An interrupted run (kill -9 included) resumes where it stopped when started again with the
@@ -128,7 +128,8 @@ class Output:
 
 
 def image_name(item: Item) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in item.id)[:120]
+    stem = item.id[: -len(Path(item.id).suffix)] if Path(item.id).suffix.lower() in IMAGE_SUFFIXES else item.id
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:120]
     return f"{item.index:08d}-{safe}.png"
 
 
@@ -152,27 +153,31 @@ async def run_items(model: str, route_path: str | None, items: list[Item], defau
     plane = DataPlane(repository)
     not_ready = repository.not_ready()
     if not_ready:
-        raise SystemExit(f"{model}: {not_ready}")
+        usage_error(f"{model}: {not_ready}")
     task = repository.contract(model.partition(":")[0]).task
     handler = plane.task(task)
     routes = {r.path: r for r in handler.routes if not r.path.endswith("_stream")}
     route = routes.get(route_path) if route_path else next(iter(routes.values()), None)
     if route is None:
-        raise SystemExit(f"{model} ({task}) has the routes {sorted(routes)}; --route {route_path} is not one")
-    if route.body == "image":
-        output.images.mkdir(parents=True, exist_ok=True)
+        usage_error(f"{model} ({task}) has the routes {sorted(routes)}; --route {route_path} is not one")
     limit = asyncio.Semaphore(concurrency)
 
     async def one(item: Item, out) -> None:
         async with limit:
             line: dict[str, Any] = {"index": item.index, "id": item.id}
             try:
-                image = item.image.read_bytes() if route.body == "image" and item.image is not None else None
-                if route.body == "image" and image is None:
-                    raise ServingError("image", "this route needs an image (a folder, or an 'image' column)")
+                image = None
+                if route.body == "image":
+                    if item.image is None:
+                        raise ServingError("image", "this route needs an image (a folder, or an 'image' column)")
+                    try:
+                        image = item.image.read_bytes()
+                    except OSError as exc:
+                        raise ServingError("image", f"{item.image}: {exc.strerror}") from None
                 answer = await plane.run_native(task, route, model, image, {**defaults, **item.fields})
                 if isinstance(answer, ImageResult):
                     name = image_name(item)
+                    output.images.mkdir(parents=True, exist_ok=True)
                     write_atomically(output.images / name, answer.png)  # the line below names a whole file
                     line.update(model=answer.model, image=f"{output.images.name}/{name}")
                     if answer.seed is not None:
@@ -181,8 +186,6 @@ async def run_items(model: str, route_path: str | None, items: list[Item], defau
                     line.update(answer)
             except ServingError as exc:
                 line.update(error=str(exc), status=exc.status)
-            except OSError as exc:
-                line.update(error=f"{item.image}: {exc.strerror}", status=400)
             out.write(json.dumps(line, separators=(",", ":")) + "\n")
             with counter.get_lock():
                 counter.value += 1
@@ -190,6 +193,13 @@ async def run_items(model: str, route_path: str | None, items: list[Item], defau
     with open(part, "a", buffering=1 << 16) as out:
         await asyncio.gather(*(one(item, out) for item in items))
     await repository.close()
+
+
+def usage_error(message: str) -> None:
+    """Exit status 2, as argparse's: the arguments are wrong, and running again will not help (the
+    Indexed Job fails the shard at once instead of retrying it)."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def worker(args: argparse.Namespace, items: list[Item], part: Path, counter: Any) -> None:
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             child.start()
         progress = None
         if not args.quiet:
-            from tqdm import tqdm
+            from tqdm import tqdm  # training's dependency; the serving image runs the command with --quiet
 
             progress = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="item", smoothing=0.1)
         while any(child.is_alive() for child in children):
@@ -255,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         if progress is not None:
             progress.close()
         failed = [child.exitcode for child in children if child.exitcode]
+        if 2 in failed:
+            return 2
         if failed:
             print(f"a process failed (exit {failed}); run the same command again to resume", file=sys.stderr)
             return 1

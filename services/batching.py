@@ -30,10 +30,11 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from services import tracing
 from services.errors import ServingError, unavailable
 
 log = logging.getLogger("services.batching")
@@ -61,6 +62,7 @@ class _Pending:
     key: tuple  # requests with equal keys (names, per-row shapes, dtypes) stack
     future: asyncio.Future = field(repr=False)
     queued_at: float = 0.0  # time.monotonic()
+    span: Any = None  # its queue span (tracing on)
 
 
 def stack_key(feeds: Tensors) -> tuple:
@@ -178,7 +180,8 @@ class DynamicBatcher:
             self._runner = loop.create_task(self._run_forever(), name=f"batcher-{self.name}")
         future = loop.create_future()
         rows = batch_rows(feeds)
-        self._queue.append(_Pending(feeds, rows, stack_key(feeds), future, time.monotonic()))
+        span = tracing._tracer and tracing.start_queue_span(self.name, rows)
+        self._queue.append(_Pending(feeds, rows, stack_key(feeds), future, time.monotonic(), span))
         self._queued_rows += rows
         self._observer.queued(len(self._queue))
         self._wakeup.set()
@@ -312,14 +315,22 @@ class DynamicBatcher:
         rows = sum(item.rows for item in batch)
         started = time.perf_counter()
         self._running += 1
+        span = None
+        if tracing._tracer and batch[0].span is not None:
+            span = tracing.start_batch_span(self.name, [item.span for item in batch], rows)
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, feeds)
+            if span is None:
+                outputs = await loop.run_in_executor(self._executor, self._run, feeds)
+            else:
+                outputs = await loop.run_in_executor(self._executor, tracing.traced_run, self._run, feeds, span)
         except Exception as exc:  # noqa: BLE001 - isolate the request that caused it
             failure: Exception | None = exc
         else:
             failure = None
         finally:
             self._running -= 1
+            if span is not None:
+                span.end()
         if failure is not None:
             if len(batch) == 1:
                 _settle(batch[0], failure)
@@ -327,6 +338,7 @@ class DynamicBatcher:
             log.warning("%s: batch of %d requests failed (%s); running them one by one", self.name, len(batch),
                         failure)
             for item in batch:
+                item.span = None  # its queue span ended with the failed batch
                 await self._execute(loop, [item])
             return
         seconds = time.perf_counter() - started

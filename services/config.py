@@ -85,7 +85,8 @@ class ServingConfig:
     probe_port: int = 3001  # /livez, /readyz and /metrics answered by a thread of each worker, never behind requests
     #   (the port for Kubernetes probes; every worker binds it with SO_REUSEPORT); 0 = none
     access_log: bool = False  # one log line per request (BentoML's access log); off like most production servers
-    tracing: bool = False  # BentoML's OpenTelemetry spans per request; turn on with a tracing exporter configured
+    tracing: bool = False  # OpenTelemetry spans (request, queue, batch, session run; services/tracing.py), exported
+    #   as the OTEL_* environment says (OTLP over HTTP to OTEL_EXPORTER_OTLP_ENDPOINT by default)
     bentoml_metrics: bool = False  # BentoML's per-path HTTP metrics too (the suite's per-model ones are always on)
     keepalive_requests: int = 100  # a keep-alive connection closes after about this many requests (nginx's
     #   keepalive_requests), so long-lived client connections spread over the workers; 0 = never

@@ -19,6 +19,7 @@ import os
 import bentoml
 
 from services.bentoml_fixes import cancel_request_timers
+from services import tracing
 from services.budget import MemoryBudget, resident_bytes, tune_allocator, worker_budget
 from services.config import ServingConfig
 from services.control import ControlFile, ModelControl
@@ -66,9 +67,10 @@ def with_cors(app, config: ServingConfig):
     workers=CONFIG.worker_count,
     traffic={"timeout": 120, "max_concurrency": 1024},
     logging={"access": {"enabled": CONFIG.access_log}},
-    # Without an exporter the spans go nowhere, yet building them halved /classify's throughput
-    # (measured: 1,000 instead of 1,900 req/s at 32 connections).
-    tracing={} if CONFIG.tracing else {"excluded_urls": ".*"},
+    # BentoML's own spans stay off: without an exporter they go nowhere, yet building them halved
+    # /classify's throughput (measured: 1,000 instead of 1,900 req/s at 32 connections). The suite's
+    # spans (services/tracing.py: request, queue, batch, session run) follow the tracing setting.
+    tracing={"excluded_urls": ".*"},
     # BentoML's metrics middleware labels by raw path (unbounded for /v2/models/<anything>) and cost
     # 14 % of the throughput; the suite's front-ends count per model and serve /metrics themselves.
     metrics={"enabled": CONFIG.bentoml_metrics},
@@ -86,6 +88,8 @@ class Suite:
         if CONFIG.extra:
             log.warning("ignoring unknown --arg keys %s", sorted(CONFIG.extra))
         cancel_request_timers()  # before the first request; see services/bentoml_fixes.py
+        if CONFIG.tracing:
+            tracing.configure()  # this worker's tracer provider and exporter, from OTEL_* (services/tracing.py)
         # uvicorn reads its protocol class when a connection arrives, after this start-up hook.
         install_http_guard(CONFIG.max_connections, CONFIG.header_timeout_s, CONFIG.body_timeout_s)
         tune_allocator()  # before the models allocate: large buffers go back to the kernel when freed
@@ -157,3 +161,4 @@ class Suite:
         await asyncio.get_running_loop().run_in_executor(None, self.plane.payload_log.close)
         if self.probes is not None:
             self.probes.stop()
+        await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)  # exports what is buffered

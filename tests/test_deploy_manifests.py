@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
                                 reason="kubectl is not installed: it renders the kustomize overlays (`kubectl kustomize`)")
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "loadtest")
+OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "loadtest", "batch")
 SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes")
 # kubernetes-validate 1.37.0 ships schemas for 1.25 to 1.37. 1.37 is the newest; 1.33 is the oldest
 # minor that managed clusters still commonly run (extended support), and every field we use exists there.
@@ -51,7 +51,8 @@ SUITE = "Deployment.model-suite.model-suite"  # checkov's name for the suite's D
 CHECKOV_ALLOWED = {
     # The suite's image runs as BentoML's own user, uid 1034, which owns the bento and its model
     # folders (mode 0700): another uid, even a "high" one, could not read them.
-    "CKV_K8S_40": (SUITE, "uid 1034 is the image's owner of its model folders"),
+    "CKV_K8S_40": ("*.model-suite.model-suite*", "uid 1034 is the image's owner of its model folders (the "
+                                                 "suite's Deployment and the batch Job, both on its image)"),
     # The API key is an optional Secret (off until it exists), which only an environment variable
     # can be: a missing SUITE_API_KEY_FILE stops the suite. deploy/README.md shows the file variant.
     "CKV_K8S_35": (SUITE, "optional API key: only an env var can be optional"),
@@ -381,3 +382,19 @@ def test_load_test_targets_the_suite_and_is_bounded(documents):
     egress_to_suite = [rule for rule in policy["spec"]["egress"]
                        if any(selects(t.get("podSelector", {}), suite_labels) for t in rule.get("to", []))]
     assert [p["port"] for rule in egress_to_suite for p in rule["ports"]] == [3000]
+
+
+def test_batch_job_shards_agree(documents):
+    """The Indexed Job: as many shards in --shard as completions, one output file per index, the
+    suite's image and its models, and a retry per index (a resumed shard)."""
+    (job,) = [d for d in documents["batch"] if d["kind"] == "Job"]
+    spec = job["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    args = container["args"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert args[args.index("--shard") + 1] == f"$(SHARD)/{spec['completions']}"
+    assert any("$(SHARD)" in a and a.endswith(".jsonl") for a in args[:3])
+    assert container["command"][-2:] == ["-m", "services.batch"] and container["image"].endswith("model-suite:latest")
+    env = {e["name"]: e for e in container["env"]}
+    assert "job-completion-index" in env["SHARD"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert spec["backoffLimitPerIndex"] >= 1 and spec["template"]["spec"]["restartPolicy"] == "Never"

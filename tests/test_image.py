@@ -171,3 +171,31 @@ def test_cpu_deployment_runs_under_podman_kube_play(image, tmp_path):
         assert all(c.ok for c in checks), report(checks)
     finally:
         podman("kube", "down", str(manifest), check=False, timeout=120)
+
+
+def test_image_runs_the_batch_job(image, tmp_path):
+    """deploy/batch/job.yaml's command, working folder and environment, as written there, in the
+    image with the same hardening: shard 0 of 4 of a manifest, by the models built into the image."""
+    import yaml
+
+    job = yaml.safe_load((REPO / "deploy/batch/job.yaml").read_text())
+    (spec,) = job["spec"]["template"]["spec"]["containers"]
+    values = {"SHARD": "0", "CPUS": "1"}
+    expand = lambda text: text.replace("$(SHARD)", values["SHARD"]).replace("$(CPUS)", values["CPUS"])  # noqa: E731
+    env = [f"{e['name']}={e['value']}" for e in spec["env"] if "value" in e] + [f"{k}={v}" for k, v in values.items()]
+    data = tmp_path / "data"
+    (data / "out").mkdir(parents=True)
+    pixels = (np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)
+    for i in range(8):
+        (data / f"{i}.png").write_bytes(png_bytes(pixels))
+    (data / "manifest.jsonl").write_text("".join(json.dumps({"id": f"n{i}", "image": f"{i}.png"}) + "\n"
+                                                 for i in range(8)))
+    os.chmod(data / "out", 0o777)  # the image's user (uid 1034) writes the results
+    result = podman("run", "--rm", "--network=none", "--read-only", "--tmpfs", "/tmp:rw,size=256m", "--cap-drop=ALL",
+                    "--security-opt=no-new-privileges", "-v", f"{data}:/data:Z", "-w", spec["workingDir"],
+                    *[f"--env={e}" for e in env], "--entrypoint", spec["command"][0], image,
+                    *spec["command"][1:], *map(expand, spec["args"]), check=False, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in (data / "out" / "results-0.jsonl").read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == ["n0", "n4"]  # every 4th item from the first
+    assert all(line["model"].startswith("classify:") and line["predictions"] for line in lines)

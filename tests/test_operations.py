@@ -4,10 +4,13 @@
   candidate refused, an equal one promoted, splits by percentage and header, text compared token
   by token;
 - payload logging and drift (services/payload_log.py): records, rotation shared by workers, a
-  writer that never blocks, the OOD histogram and the PSI of predicted classes."""
+  writer that never blocks, the OOD histogram and the PSI of predicted classes;
+- OpenTelemetry spans (services/tracing.py): request -> queue -> batch -> session run, in memory
+  through a real batcher, and exported over OTLP/HTTP by the server to a collector in the test."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -159,6 +162,49 @@ def test_psi_and_drift_monitor():
     assert drift.psi("m") > 2.0 and seen["psi"] > 2.0
 
 
+def test_spans_request_queue_batch_session_run():
+    """Three requests batched together: each has its queue span under its request span; one batch
+    span under the first queue span, linked to all three; one session run span under the batch."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services import tracing
+    from services.batching import DynamicBatcher
+
+    exporter = InMemorySpanExporter()
+    tracing.configure(exporter=exporter, simple=True)
+    try:
+        async def main():
+            batcher = DynamicBatcher("m:1", lambda feeds: {"y": feeds["x"] * 2}, max_batch_size=8,
+                                     max_queue_delay_s=0.05)
+
+            async def request(i):
+                with tracing.request_span(f"POST /r{i}", {}, {"i": i}):
+                    return await batcher.submit({"x": np.full((1, 2), i, np.float32)})
+
+            answers = await asyncio.gather(*(request(i) for i in range(3)))
+            await batcher.close()
+            return answers
+
+        answers = asyncio.run(main())
+    finally:
+        tracing.shutdown()
+    assert [a["y"][0, 0] for a in answers] == [0, 2, 4]
+    spans = exporter.get_finished_spans()
+    by_name = {}
+    for span in spans:
+        by_name.setdefault(span.name, []).append(span)
+    requests_ = [span for span in spans if span.name.startswith("POST")]
+    queues, (batch,), (run,) = by_name["queue"], by_name["batch"], by_name["session run"]
+    assert len(requests_) == 3 and len(queues) == 3
+    request_ids = {s.context.span_id for s in requests_}
+    assert {q.parent.span_id for q in queues} == request_ids
+    assert batch.parent.span_id in {q.context.span_id for q in queues}
+    assert {link.context.span_id for link in batch.links} == {q.context.span_id for q in queues}
+    assert batch.attributes["rows"] == 3 and batch.attributes["requests"] == 3
+    assert run.parent.span_id == batch.context.span_id
+    assert tracing.tracer() is None  # off again: the hot paths check this
+
+
 # ---- a real server ------------------------------------------------------------------------------------
 
 from tests.conftest import ADMIN, MODEL_CONTROL, _TMP  # noqa: E402
@@ -167,8 +213,47 @@ PAYLOADS = _TMP / "payloads" / "requests.jsonl"
 ROLLOUT_MODELS = "classify,classify-seed1,sample,sample-seed1,sample-fp16,generate,generate-seed1"
 
 
+class Collector:
+    """An OTLP/HTTP trace receiver on a loopback port: what the server exports, decoded."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans: list = []
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                message = ExportTraceServiceRequest.FromString(body)
+                for resource in message.resource_spans:
+                    for scope in resource.scope_spans:
+                        collector.spans.extend(scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}/v1/traces"
+
+
 @pytest.fixture(scope="module")
-def rollout_server(built_models, second_models, variant_models):
+def collector():
+    found = Collector()
+    yield found
+    found.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rollout_server(built_models, second_models, variant_models, collector):
     from loadtest.servers import start_suite
 
     server = start_suite({"SUITE_WORKERS": "2", "SUITE_INTRA_OP_THREADS": "1", "SUITE_VARIANT": "fp32",
@@ -176,6 +261,8 @@ def rollout_server(built_models, second_models, variant_models):
                           # a worse candidate, decided automatically after 12 comparisons over both workers
                           "SUITE_ROLLOUTS": "sample=sample-seed1;shadow=100;promote_after=12",
                           "SUITE_PAYLOAD_LOG": str(PAYLOADS), "SUITE_PAYLOAD_LOG_MAX_BYTES": "65536",
+                          "SUITE_TRACING": "true", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint,
+                          "OTEL_BSP_SCHEDULE_DELAY": "200",
                           **MODEL_CONTROL}, _TMP / "serve-rollout.log", timeout=180)
     try:
         yield server
@@ -330,3 +417,23 @@ def test_payload_records_and_drift_metrics(rollout_server):
     assert one["input"]["image"]["format"] == "png" and "raw" not in one["input"]["image"]
     assert one["output"]["top"]["label"] and 0 <= one["ood_score"] <= 1
 
+
+
+def test_the_server_exports_spans_that_continue_the_callers_trace(rollout_server, collector):
+    url = rollout_server.url
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    image, _ = digit_png()
+    reply = requests.post(f"{url}/classify", files={"image": ("d.png", image, "image/png")},
+                          headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "x-suite-rollout": "primary"},
+                          timeout=30)
+    assert reply.status_code == 200, reply.text
+    mine = wait_for(lambda: (found := [s for s in collector.spans if s.trace_id.hex() == trace_id])
+                    and {"POST /classify", "queue", "batch", "session run"} <= {s.name for s in found} and found)
+    spans = {s.name: s for s in mine}
+    request = spans["POST /classify"]
+    assert request.parent_span_id.hex() == "00f067aa0ba902b7"  # the caller's span
+    assert spans["queue"].parent_span_id == request.span_id
+    assert spans["batch"].parent_span_id == spans["queue"].span_id
+    assert spans["session run"].parent_span_id == spans["batch"].span_id
+    attributes = {a.key: a.value for a in request.attributes}
+    assert attributes["model"].string_value == "classify" and attributes["http.response.status_code"].int_value == 200

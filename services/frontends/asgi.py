@@ -24,6 +24,7 @@ from starlette.routing import Match, Route
 
 from services.config import ServingConfig
 from services.errors import ServingError, bad_request, too_large, unauthorized, unavailable
+from services import tracing
 from services.rollout import ROLLOUT_HEADER, requested_arm
 
 if TYPE_CHECKING:  # the data plane sits below the front-ends; imported for types only
@@ -246,8 +247,24 @@ class Endpoint:
         self.protocol = protocol
         self.model = model
         self.errors = errors
+        self.path = ""  # its route's path template (the request span's name), set by HttpFrontend.route
 
     async def __call__(self, scope, receive, send) -> None:
+        if tracing._tracer is None:
+            await self._serve(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        with tracing.request_span(f"{scope['method']} {self.path}", headers,
+                                  {"http.request.method": scope["method"], "http.route": self.path,
+                                   "protocol": self.protocol}) as span:
+            status = await self._serve(scope, receive, send)
+            span.set_attribute("http.response.status_code", status)
+            model = self._model_label(scope)
+            if model:
+                span.set_attribute("model", model)
+
+    async def _serve(self, scope, receive, send) -> int:
+        """-> the status answered (499: the client left first)."""
         started = time.perf_counter()
         frontend = self.frontend
         request = Request(scope, receive, frontend.max_body_bytes)
@@ -280,7 +297,7 @@ class Endpoint:
         except ServingError as exc:
             response = error_response(exc, self.errors)
         except ClientGone:
-            return
+            return 499
         except Exception:  # a JSON body clients can parse, and no stack trace in it
             log.exception("%s %s failed", scope["method"], scope["path"])
             response = error_response(ServingError(None, "internal error; the server log has the details", 500),
@@ -291,6 +308,7 @@ class Endpoint:
         if close and random.random() < close:
             response.headers.append((b"connection", b"close"))
         await response.send(send, receive)
+        return response.status
 
     async def _unless_disconnected(self, request: Request) -> Any:
         """The handler, cancelled when the client disconnects (a generation nobody will read)."""
@@ -390,6 +408,7 @@ class HttpFrontend(Starlette):
         read. ``body``: what its body holds (json, image, tensors, none), which sets its limit."""
         endpoint = Endpoint(self, handler, methods, protocol, model, errors, public, admits, body, control,
                             cancel_on_disconnect, task)
+        endpoint.path = path
         if "{" in path:
             self.router.routes.append(Route(path, endpoint))
         else:

@@ -29,6 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from services.budget import TRIM_AFTER_BYTES, give_back_memory_soon
 from services.errors import ServingError, bad_request
+from services import tracing
 from services.rollout import ROLLOUT_HEADER, requested_arm
 from services.frontends.oip_codec import numpy_dtype, oip_datatype, tensor_from_list, tensor_from_raw, tensor_to_raw
 
@@ -219,6 +220,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, raw, context):
+        if tracing._tracer is None:
+            return await self._model_infer(raw, context)
+        metadata = dict(context.invocation_metadata() or ())
+        with tracing.request_span("ModelInfer", metadata, {"rpc.system": "grpc", "protocol": "oip_grpc",
+                                                           "rpc.method": "ModelInfer"}):
+            return await self._model_infer(raw, context)
+
+    async def _model_infer(self, raw, context):
         size, status, model, refusal, response = len(raw), 200, "", None, None
         if self.plane.rollouts.plans:  # a request may pin itself to a rollout's arm (metadata as the HTTP header)
             requested_arm.set(dict(context.invocation_metadata() or ()).get(ROLLOUT_HEADER))

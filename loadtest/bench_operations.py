@@ -1,11 +1,11 @@
 """What the operations features cost the requests they watch, in one run on one machine:
 
     python -m loadtest.bench_operations                       # BENTOML_HOME: the models (classify, 2+ versions)
-    python -m loadtest.bench_operations --seconds 8 --repeats 3 --connections 32
+    python -m loadtest.bench_operations --seconds 5 --repeats 9 --connections 32
 
 Serves ``classify`` alone (the smallest model: a request's cost is mostly the server's own, so an
-overhead shows most) and drives ``POST /classify`` with ``wrk`` under each setting in turn, the
-baseline first and last (their spread is the noise floor):
+overhead shows most), one server per setting, all started first; then drives ``POST /classify``
+with ``wrk`` on each in turn, ``--repeats`` rounds (the baseline's own spread is the noise floor):
 
 - ``baseline``: the defaults;
 - ``shadow10``: a rollout shadowing 10 % of requests on another stored version of classify (the
@@ -15,11 +15,14 @@ baseline first and last (their spread is the noise floor):
   server's workers) over a folder of ``--batch-items`` digit PNGs of the same size, timed from the
   command's start (model loading included) to its output file.
 
-Prints req/s (the median of ``--repeats`` runs), p50/p99 and the ratio to the baseline's mean."""
+Prints req/s (the median of ``--repeats`` runs), p50/p99, the ratio of medians, and the median of
+the per-round ratios (each setting against the baseline run just before it: the figure the machine's
+drift disturbs least)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -40,53 +43,76 @@ def other_version(model: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--batch-items", type=int, default=40_000)
+    parser.add_argument("--payload-log", type=Path, help="where payload100 writes (default: a temporary folder)")
+    parser.add_argument("--only", default="baseline,shadow10,payload100,batch", help="comma-separated rows")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-operations-"))
     base = {"SUITE_MODELS": "classify", "SUITE_DEFAULT_MODELS": "false", "SUITE_VARIANT": "fp32"}
     settings = {
         "baseline": {},
         "shadow10": {"SUITE_ROLLOUTS": f"classify={other_version('classify')};shadow=10"},
-        "payload100": {"SUITE_PAYLOAD_LOG": str(workdir / "payloads.jsonl"), "SUITE_PAYLOAD_LOG_SAMPLE": "1"},
-        "baseline again": {},
+        "payload100": {"SUITE_PAYLOAD_LOG": str(args.payload_log or workdir / "payloads.jsonl"),
+                       "SUITE_PAYLOAD_LOG_SAMPLE": "1"},
     }
+    wanted = set(args.only.split(",")) | {"baseline"}
+    settings = {label: env for label, env in settings.items() if label in wanted}
     image, _ = digit_png()
     body, content_type = multipart(image)
-    rows = {}
-    for label, env in settings.items():
-        server = start_labelled_suite({**base, **env}, workdir, REPO)
-        try:
-            wrk(server.url, "/classify", body, {"Content-Type": content_type}, args.connections, 2, workdir)  # warm-up
-            runs = [wrk(server.url, "/classify", body, {"Content-Type": content_type}, args.connections,
-                        args.seconds, workdir) for _ in range(args.repeats)]
-            if label == "payload100":
-                records = sum(1 for f in workdir.glob("payloads.jsonl*") for _ in f.open())
-                print(f"payload100: {records} records written")
-            if label == "shadow10":
-                import requests
+    headers = {"Content-Type": content_type}
+    # All three servers up at once, driven one at a time in turns (baseline, shadow, payload, baseline,
+    # ...): drift of the machine over the run falls on every setting alike. An idle server costs
+    # little: its watch loops wake a few times a second.
+    servers = {}
+    try:
+        store = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "models"
+        for label, env in settings.items():
+            # Its own BENTOML_HOME (BentoML clears its Prometheus folder there at start-up), the shared models.
+            home = {"BENTOML_HOME": str(workdir / f"home-{label}"), "SUITE_MODEL_DIR": str(store)}
+            servers[label] = start_labelled_suite({**home, **base, **env}, workdir, REPO)
+            wrk(servers[label].url, "/classify", body, headers, args.connections, 2, workdir)  # warm-up
+        runs = {label: [] for label in settings}
+        for _ in range(args.repeats):
+            for label, server in servers.items():
+                runs[label].append(wrk(server.url, "/classify", body, headers, args.connections, args.seconds,
+                                       workdir))
+        if "payload100" in settings:
+            written = Path(settings["payload100"]["SUITE_PAYLOAD_LOG"])
+            records = sum(1 for f in written.parent.glob(written.name + "*") for _ in f.open())
+            print(f"payload100: {records} records written")
+        if "shadow10" in settings:
+            import requests
 
-                metrics = requests.get(server.url + "/metrics", timeout=10).text
-                compared = [line for line in metrics.splitlines() if line.startswith("suite_shadow_measure_count")]
-                print(f"shadow10: {compared}")
-        finally:
+            metrics = requests.get(servers["shadow10"].url + "/metrics", timeout=10).text
+            print("shadow10:", [line for line in metrics.splitlines() if line.startswith("suite_shadow_measure_count")])
+    finally:
+        for server in servers.values():
             server.stop(grace=10)
-        runs.sort(key=lambda r: r.rps)
-        median = runs[len(runs) // 2]
-        rows[label] = median
-        errors = sum(r.errors for r in runs)
+    rows = {}
+    for label, results in runs.items():
+        ordered = sorted(results, key=lambda r: r.rps)
+        rows[label] = median = ordered[len(ordered) // 2]
         print(f"{label:15s} {median.rps:8.1f} req/s  p50 {median.p50_ms:6.2f} ms  p99 {median.p99_ms:6.2f} ms  "
-              f"runs {[round(r.rps) for r in runs]}  errors {errors}", flush=True)
-    batch_rate = run_batch(workdir, args.batch_items)
-    baseline = statistics.mean([rows["baseline"].rps, rows["baseline again"].rps])
-    print(f"\nbaseline (mean of first and last): {baseline:.1f} req/s; spread "
-          f"{abs(rows['baseline'].rps - rows['baseline again'].rps) / baseline:.1%}")
-    for label in ("shadow10", "payload100"):
-        print(f"{label}: {rows[label].rps / baseline:.3f}x the baseline's throughput "
-              f"(cost {1 - rows[label].rps / baseline:+.1%})")
-    print(f"batch: {batch_rate:.1f} images/s = {batch_rate / baseline:.2f}x the server's baseline req/s")
+              f"runs in turn {[round(r.rps) for r in results]}  errors {sum(r.errors for r in results)}", flush=True)
+    batch_rate = run_batch(workdir, args.batch_items) if "batch" in wanted else None
+    baseline = rows["baseline"].rps
+    print(f"\nbaseline (median): {baseline:.1f} req/s; its runs spread {spread(runs['baseline']):.1%}")
+    for label in [label for label in ("shadow10", "payload100") if label in settings]:
+        # Paired by round (runs next to each other in time), so the machine's drift cancels.
+        paired = sorted(r.rps / b.rps for r, b in zip(runs[label], runs["baseline"]))
+        print(f"{label}: {rows[label].rps / baseline:.3f}x the baseline's median throughput; median of the "
+              f"rounds' ratios {statistics.median(paired):.3f}x (cost {1 - statistics.median(paired):+.1%}; "
+              f"rounds {[round(x, 3) for x in paired]})")
+    if batch_rate is not None:
+        print(f"batch: {batch_rate:.1f} images/s = {batch_rate / baseline:.2f}x the server's baseline req/s")
+
+
+def spread(results) -> float:
+    values = [r.rps for r in results]
+    return (max(values) - min(values)) / statistics.median(values)
 
 
 def run_batch(workdir: Path, items: int) -> float:

@@ -36,8 +36,12 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
                                 reason="kubectl is not installed: it renders the kustomize overlays (`kubectl kustomize`)")
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "loadtest", "batch")
-SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes")
+OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "overlays/keda", "loadtest",
+            "batch")
+SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "overlays/keda")
+# Custom resources: kubernetes-validate carries Kubernetes' own kinds only, so these are validated
+# against their CRDs' schemas, vendored as strict JSON schema (deploy/schemas/crd_to_json_schema.py).
+CUSTOM_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): DEPLOY / "schemas/keda-2.20.2-scaledobject-v1alpha1.json"}
 # kubernetes-validate 1.37.0 ships schemas for 1.25 to 1.37. 1.37 is the newest; 1.33 is the oldest
 # minor that managed clusters still commonly run (extended support), and every field we use exists there.
 KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
@@ -77,8 +81,31 @@ def rendered(documents, tmp_path_factory) -> dict[str, Path]:
     files = {}
     for overlay, docs in documents.items():
         files[overlay] = folder / (overlay.replace("/", "-") + ".yaml")
-        files[overlay].write_text(yaml.safe_dump_all(docs))
+        files[overlay].write_text(yaml.safe_dump_all([d for d in docs if custom_schema(d) is None]))
     return files
+
+
+def custom_schema(document: dict) -> Path | None:
+    return CUSTOM_SCHEMAS.get((document["apiVersion"], document["kind"]))
+
+
+def test_custom_resources_pass_their_crd_schemas(documents):
+    import json
+
+    import jsonschema
+
+    checked = 0
+    for overlay, docs in documents.items():
+        for document in docs:
+            schema = custom_schema(document)
+            if schema is not None:
+                jsonschema.validate(document, json.loads(schema.read_text()))
+                checked += 1
+    assert checked >= 1
+    schema = json.loads(CUSTOM_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")].read_text())
+    (scaled,) = [d for d in documents["overlays/keda"] if d["kind"] == "ScaledObject"]
+    with pytest.raises(jsonschema.ValidationError):  # strict: an unknown field is refused
+        jsonschema.validate({**scaled, "spec": {**scaled["spec"], "pollInterval": 5}}, schema)
 
 
 # ---- kubernetes-validate ---------------------------------------------------------------------------
@@ -100,7 +127,7 @@ def kubernetes_validate(files: list[Path], version: str) -> tuple[list[str], lis
 def test_every_resource_passes_strict_schema_validation(documents, rendered, version):
     passed, problems = kubernetes_validate(list(rendered.values()), version)
     assert not problems, "\n".join(problems)
-    assert len(passed) == sum(map(len, documents.values())), passed
+    assert len(passed) == sum(custom_schema(d) is None for docs in documents.values() for d in docs), passed
     assert all(f"against version {version.rsplit('.', 1)[0]}" in line for line in passed)
 
 
@@ -276,13 +303,25 @@ def test_suite_manifests_agree_with_each_other_and_with_the_suite(documents, ove
     startup = suite["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "models need time to load and warm up"
 
-    [hpa] = by_kind(docs, "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": deployment["metadata"]["name"]}
-    [metric] = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
-    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]  # with the PDB, a drain leaves one serving
-    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] > 0
+    scaled = by_kind(docs, "ScaledObject")
+    if scaled:  # KEDA owns the HPA: the base's is removed, the ScaledObject's triggers read suite metrics
+        [scaled] = scaled
+        assert not by_kind(docs, "HorizontalPodAutoscaler")
+        scaling = scaled["spec"]
+        assert scaling["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        assert 2 <= scaling["minReplicaCount"] < scaling["maxReplicaCount"]
+        queries = " ".join(t["metadata"].get("query", "") for t in scaling["triggers"])
+        names = set(re.findall(r"suite_\w+", queries))
+        assert names and names <= exported_metric_names(), names
+        assert any(t["type"] == "cpu" for t in scaling["triggers"])  # CPU stays a signal
+    else:
+        [hpa] = by_kind(docs, "HorizontalPodAutoscaler")
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                 "name": deployment["metadata"]["name"]}
+        [metric] = hpa["spec"]["metrics"]
+        assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+        assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]  # with the PDB, a drain leaves one serving
+        assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] > 0
     [pdb] = by_kind(docs, "PodDisruptionBudget")
     assert selects(pdb["spec"]["selector"], labels) and (pdb["spec"].get("maxUnavailable") == 1
                                                          or pdb["spec"].get("minAvailable") == 1)
@@ -382,6 +421,17 @@ def test_load_test_targets_the_suite_and_is_bounded(documents):
     egress_to_suite = [rule for rule in policy["spec"]["egress"]
                        if any(selects(t.get("podSelector", {}), suite_labels) for t in rule.get("to", []))]
     assert [p["port"] for rule in egress_to_suite for p in rule["ports"]] == [3000]
+
+
+def exported_metric_names() -> set[str]:
+    """The metric names the suite's /metrics page can carry (services/metrics.py)."""
+    from prometheus_client import CollectorRegistry
+
+    from services.metrics import ServingMetrics
+
+    registry = CollectorRegistry()
+    ServingMetrics(("m",), registry)
+    return {metric.name for metric in registry.collect()}
 
 
 def test_batch_job_shards_agree(documents):

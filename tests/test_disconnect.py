@@ -10,11 +10,14 @@ import json
 
 import pytest
 
+from services.rollout import Rollouts
 from services.frontends.asgi import HttpFrontend, Request, json_response
 
 
 class Plane:
-    """What the endpoint asks the data plane: admission, and whether a model runs long."""
+    """What the endpoint asks the data plane: admission, whether a model runs long, rollouts."""
+
+    rollouts = Rollouts([])
 
     def admission_error(self, model):
         return None

@@ -16,6 +16,7 @@ UNIMPLEMENTED (the generated servicer's default)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
@@ -220,43 +221,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, raw, context):
-        if tracing._tracer is None:
-            return await self._model_infer(raw, context)
-        metadata = dict(context.invocation_metadata() or ())
-        with tracing.request_span("ModelInfer", metadata, {"rpc.system": "grpc", "protocol": "oip_grpc",
-                                                           "rpc.method": "ModelInfer"}):
-            return await self._model_infer(raw, context)
-
-    async def _model_infer(self, raw, context):
         size, status, model, refusal, response = len(raw), 200, "", None, None
         if self.plane.rollouts.plans:  # a request may pin itself to a rollout's arm (metadata as the HTTP header)
             requested_arm.set(dict(context.invocation_metadata() or ()).get(ROLLOUT_HEADER))
-        try:
-            request = parse_checked(self.plane, raw)  # the model, then the declared tensors, then the rest
-            model = request.model_name
-            feeds = decode_inputs(request)
-            params = {k: parameter_value(v) for k, v in request.parameters.items()}
-            requested = [o.name for o in request.outputs] or None
-            result = await self.plane.infer(request.model_name, request.model_version or None, feeds, params, requested)
-            response = infer_response(request, result)
-        except ServingError as exc:
-            status = exc.status
-            refusal = grpc_status(exc)
-        except Exception:
-            status = 500
-            log.exception("Open Inference Protocol gRPC ModelInfer failed")
-            refusal = (grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
-        # Aborting raises, and gRPC keeps that exception (and through its traceback this frame) until
-        # the garbage collector runs: measured holding a refused 60 MB message's two copies for more
-        # than 10 s. So the payload is dropped first, and the abort is raised outside the except.
-        raw = request = feeds = None  # noqa: F841
-        if self.metrics is not None:
-            self.metrics.request(model, "oip_grpc", status)
-        if size >= TRIM_AFTER_BYTES:  # gRPC's receive buffers of a large message: back to the kernel
-            give_back_memory_soon()
-        if refusal is not None:
-            await context.abort(*refusal)
-        return response
+        # One frame for the whole call (no wrapper holding ``raw`` while this one aborts: see below).
+        span = tracing.request_span("ModelInfer", dict(context.invocation_metadata() or ()), {
+            "rpc.system": "grpc", "rpc.method": "ModelInfer", "protocol": "oip_grpc"}) if tracing._tracer else NO_SPAN
+        with span:
+            try:
+                request = parse_checked(self.plane, raw)  # the model, then the declared tensors, then the rest
+                model = request.model_name
+                feeds = decode_inputs(request)
+                params = {k: parameter_value(v) for k, v in request.parameters.items()}
+                requested = [o.name for o in request.outputs] or None
+                result = await self.plane.infer(request.model_name, request.model_version or None, feeds, params,
+                                                requested)
+                response = infer_response(request, result)
+            except ServingError as exc:
+                status = exc.status
+                refusal = grpc_status(exc)
+            except Exception:
+                status = 500
+                log.exception("Open Inference Protocol gRPC ModelInfer failed")
+                refusal = (grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+            # Aborting raises, and gRPC keeps that exception (and through its traceback this frame) until
+            # the garbage collector runs: measured holding a refused 60 MB message's two copies for more
+            # than 10 s. So the payload is dropped first, and the abort is raised outside the except.
+            raw = request = feeds = None  # noqa: F841
+            if self.metrics is not None:
+                self.metrics.request(model, "oip_grpc", status)
+            if size >= TRIM_AFTER_BYTES:  # gRPC's receive buffers of a large message: back to the kernel
+                give_back_memory_soon()
+            if refusal is not None:
+                await context.abort(*refusal)
+            return response
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Decoupled inference (Triton's convention): every request on the stream is served
@@ -338,6 +336,7 @@ def infer_response(request: pb.ModelInferRequest, result: Any) -> pb.ModelInferR
     return response
 
 
+NO_SPAN = contextlib.nullcontext()
 PUBLIC_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
                   "/inference.GRPCInferenceService/ModelReady", "/grpc.health.v1.Health/Check",
                   "/grpc.health.v1.Health/Watch")  # health: answered without the API key

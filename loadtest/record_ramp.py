@@ -1,7 +1,8 @@
 """Records a load ramp's metrics timeline: what an autoscaler would read from one pod while the
 offered load climbs from below its capacity to 4x it (tests/test_autoscaling.py replays it).
 
-    python -m loadtest.record_ramp --model resnet50 --out tests/data/ramp-resnet50.json
+    python -m loadtest.record_ramp --model resnet50 --out tests/data/ramp-resnet50-20s.json
+    python -m loadtest.record_ramp --model resnet50 --ramp-s 120 --hold-s 0 --out tests/data/ramp-resnet50-120s.json
 
 Serves ``--model`` alone (``bentoml serve``, as many workers as cores), measures its capacity
 (requests/s at 16 connections, closed loop, ``--calibrate-s``), then offers an open-loop ramp from
@@ -48,7 +49,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--calibrate-s", type=float, default=15.0)
-    parser.add_argument("--ramp-s", type=int, default=120)
+    parser.add_argument("--ramp-s", type=int, default=20, help="seconds from 0.25x to 4x")
+    parser.add_argument("--hold-s", type=int, default=60, help="seconds at 4x after the ramp")
     args = parser.parse_args()
 
     import os
@@ -92,8 +94,8 @@ def main() -> None:
         samples = []
         last_cpu, last_t = tree_cpu_seconds(server.process.pid), time.monotonic()
         answered_before = refused_before = 0
-        for second in range(args.ramp_s):
-            offered = capacity * (0.25 + 3.75 * second / (args.ramp_s - 1))
+        for second in range(args.ramp_s + args.hold_s):
+            offered = capacity * (0.25 + 3.75 * min(1.0, second / (args.ramp_s - 1)))
             runner.start(max(1, round(offered)), spawn_rate=1000)
             gevent.sleep(1.0)
             now, cpu = time.monotonic(), tree_cpu_seconds(server.process.pid)

@@ -29,7 +29,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-RAMP = REPO / "tests/data/ramp-resnet50.json"
+RAMP = REPO / "tests/data/ramp-resnet50-20s.json"  # 0.25x to 4x in 20 s, then 60 s at 4x
+SLOW_RAMP = REPO / "tests/data/ramp-resnet50-120s.json"  # 0.25x to 4x in 120 s
 SYNC_S = 15  # kube-controller-manager's --horizontal-pod-autoscaler-sync-period default
 CPU_WINDOW_S = 30  # metrics-server: the kubelet's CPU rate over its scrape window
 SCRAPE_S = 15  # Prometheus' scrape interval for the queue metric
@@ -48,7 +49,7 @@ class Recording:
 def load_recording(path: Path = RAMP) -> Recording:
     document = json.loads(path.read_text())
     samples = document["samples"]
-    capacity = max(s["answered_rps"] for s in samples)
+    capacity = document["capacity_rps"]  # measured closed loop before the ramp (per-second answers are bursty)
     light = [s for s in samples if s["offered_rps"] < 0.8 * document["capacity_rps"] and s["answered_rps"]]
     cpu_per_request = sum(s["cpu_utilization"] for s in light) / sum(s["answered_rps"] for s in light)
     return Recording(capacity, cpu_per_request, max(s["cpu_utilization"] for s in samples),
@@ -127,18 +128,31 @@ def manifests() -> tuple[dict, dict]:
     return hpa, scaled
 
 
-def test_the_queue_driven_scaler_reaches_the_needed_replicas_at_least_twice_as_soon():
-    recording = load_recording()
+def compare(path: Path) -> tuple[float, float, dict, list[int]]:
+    recording = load_recording(path)
     hpa, scaled = manifests()
     cpu, needed = replay(recording, "cpu", hpa, scaled)
     keda, _ = replay(recording, "keda", hpa, scaled)
-    assert needed[0] <= 1 and needed[-1] >= 4  # the ramp goes from under one pod's capacity to four pods'
     cpu_s = seconds_to_reach(cpu, needed, hpa["spec"]["minReplicas"])
     keda_s = seconds_to_reach(keda, needed, scaled["spec"]["minReplicaCount"])
     short = {name: sum(max(0, n - r) for r, n in zip(series, needed)) for name, series in (("cpu", cpu), ("keda", keda))}
-    print(f"needed {needed[-1]} pods: CPU HPA after {cpu_s} s, KEDA after {keda_s} s; pod-seconds short: {short}")
+    print(f"{path.name}: needed {needed[-1]} pods: CPU HPA after {cpu_s} s, KEDA after {keda_s} s; "
+          f"pod-seconds short: {short}")
+    return cpu_s, keda_s, short, needed
+
+
+def test_the_queue_driven_scaler_reaches_the_needed_replicas_at_least_twice_as_soon():
+    cpu_s, keda_s, short, needed = compare(RAMP)
+    assert needed[0] <= 1 and needed[-1] >= 4  # the ramp goes from under one pod's capacity to four pods'
     assert keda_s * 2 <= cpu_s, (keda_s, cpu_s)
     assert short["keda"] < short["cpu"]
+
+
+def test_on_a_slow_ramp_both_keep_up():
+    """A two-minute ramp: the CPU HPA, aiming at 70 %, asks for pods before the pods saturate, so
+    the queue adds little there. Recorded as it came out; asserted only to stay within a sync."""
+    cpu_s, keda_s, _, _ = compare(SLOW_RAMP)
+    assert keda_s <= cpu_s + SYNC_S
 
 
 def test_policies_bound_a_rise():

@@ -36,12 +36,15 @@ pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
                                 reason="kubectl is not installed: it renders the kustomize overlays (`kubectl kustomize`)")
 BIN = Path(sys.executable).parent
 DEPLOY = REPO / "deploy"
-OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "overlays/keda", "loadtest",
-            "batch")
-SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "overlays/keda")
+OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "overlays/keda",
+            "overlays/scale-to-zero", "loadtest", "batch")
+SUITE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/own-models", "overlays/grpc-probes", "overlays/keda",
+                  "overlays/scale-to-zero")
 # Custom resources: kubernetes-validate carries Kubernetes' own kinds only, so these are validated
 # against their CRDs' schemas, vendored as strict JSON schema (deploy/schemas/crd_to_json_schema.py).
-CUSTOM_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): DEPLOY / "schemas/keda-2.20.2-scaledobject-v1alpha1.json"}
+CUSTOM_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): DEPLOY / "schemas/keda-2.20.2-scaledobject-v1alpha1.json",
+                  ("http.keda.sh/v1alpha1", "HTTPScaledObject"):
+                      DEPLOY / "schemas/keda-http-0.15.0-httpscaledobject-v1alpha1.json"}
 # kubernetes-validate 1.37.0 ships schemas for 1.25 to 1.37. 1.37 is the newest; 1.33 is the oldest
 # minor that managed clusters still commonly run (extended support), and every field we use exists there.
 KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
@@ -101,7 +104,7 @@ def test_custom_resources_pass_their_crd_schemas(documents):
             if schema is not None:
                 jsonschema.validate(document, json.loads(schema.read_text()))
                 checked += 1
-    assert checked >= 1
+    assert checked >= 2
     schema = json.loads(CUSTOM_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")].read_text())
     (scaled,) = [d for d in documents["overlays/keda"] if d["kind"] == "ScaledObject"]
     with pytest.raises(jsonschema.ValidationError):  # strict: an unknown field is refused
@@ -303,8 +306,17 @@ def test_suite_manifests_agree_with_each_other_and_with_the_suite(documents, ove
     startup = suite["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "models need time to load and warm up"
 
-    scaled = by_kind(docs, "ScaledObject")
-    if scaled:  # KEDA owns the HPA: the base's is removed, the ScaledObject's triggers read suite metrics
+    scaled, on_demand = by_kind(docs, "ScaledObject"), by_kind(docs, "HTTPScaledObject")
+    if on_demand:  # scale to zero: the HTTP add-on's interceptor holds requests while a pod starts
+        [on_demand] = on_demand
+        assert not by_kind(docs, "HorizontalPodAutoscaler") and deployment["spec"]["replicas"] == 0
+        target = on_demand["spec"]["scaleTargetRef"]
+        assert target["name"] == deployment["metadata"]["name"] and target["service"] == service["metadata"]["name"]
+        assert target["portName"] in {p["name"] for p in service["spec"]["ports"]}
+        assert on_demand["spec"]["replicas"]["min"] == 0 < on_demand["spec"]["replicas"]["max"]
+        wait_s = int(on_demand["spec"]["timeouts"]["conditionWait"].rstrip("s"))
+        assert wait_s >= 60, "a held request must outlast a cold start (deploy/README.md)"
+    elif scaled:  # KEDA owns the HPA: the base's is removed, the ScaledObject's triggers read suite metrics
         [scaled] = scaled
         assert not by_kind(docs, "HorizontalPodAutoscaler")
         scaling = scaled["spec"]

@@ -3,8 +3,8 @@
 Requests are sampled (``payload_log_sample``) into JSON-lines records: time, model, version,
 variant, route, latency, a summary of the input and of the output (the raw input only with
 ``payload_log_raw``), and the OOD score where the model gives one. The request path only builds
-the record and appends it to a bounded queue (a deque: no lock, no wake-up); a thread of the worker
-drains it every ``FLUSH_S`` and writes the batch (to stdout, or to a file rotated by size). When
+the record, encodes it and appends the line to a bounded queue (a deque: no lock, no wake-up); a
+thread of the worker drains it every ``FLUSH_S`` and writes the batch (to stdout, or to a file rotated by size). When
 the writer falls behind, records are dropped and counted (``suite_payload_log_dropped``), never
 waited for.
 
@@ -79,7 +79,9 @@ class PayloadLog:
             if self.metrics is not None:
                 self.metrics.payload_dropped()
             return
-        self._queue.append(record)  # atomic under the GIL: the writer thread pops from the other end
+        # Encoded here, on the event loop, a few microseconds at a time: a writer thread encoding a
+        # whole batch held the GIL for milliseconds at once and stalled the loop behind it.
+        self._queue.append(_ENCODER.encode(record))  # deque: atomic
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="payload-log", daemon=True)
@@ -101,7 +103,7 @@ class PayloadLog:
                 batch = []
                 while self._queue and len(batch) < 1024:
                     batch.append(self._queue.popleft())
-                data = "".join(json.dumps(r, separators=(",", ":"), default=_jsonable) + "\n" for r in batch)
+                data = "\n".join(batch) + "\n"
                 try:
                     writer.write(data.encode())
                     self.written += len(batch)
@@ -119,6 +121,9 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     return str(value)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_jsonable)  # built once (json.dumps builds one a call)
 
 
 class StdoutLines:

@@ -116,3 +116,34 @@ def test_bad_variant_configuration_is_refused():
         ServingConfig.load({"SUITE_VARIANT": "int4"}, {})
     with pytest.raises(ValueError, match="variant"):
         ServingConfig.load({"SUITE_MODEL_VARIANTS": "classify:int8"}, {})
+
+
+def test_int8_keeps_the_excluded_layers_fp32(tmp_path):
+    """The sensitivity search's tool: a node named in ``exclude`` keeps its float weights; the
+    others read theirs through DequantizeLinear (static QDQ)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.variants import quantizable_nodes, quantize_int8
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((4, c, 3, 3)).astype(np.float32), f"w{i}")
+               for i, c in enumerate((1, 4))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w0"], ["h"], name="first", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w1"], ["y"], name="last", pads=[1, 1, 1, 1])],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], weights)
+    source = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    assert quantizable_nodes(source, ("Conv",)) == ["first", "last"]
+    calibration = [{"x": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)} for _ in range(4)]
+    method = quantize_int8(source, tmp_path / "int8.onnx", calibration, ("Conv",), "static", ["last"])
+    assert "fp32 kept for last" in method
+    quantized = onnx.load(str(tmp_path / "int8.onnx")).graph
+    producers = {out: node.op_type for node in quantized.node for out in node.output}
+    convs = {node.name: node for node in quantized.node if node.op_type == "Conv"}
+    assert producers.get(convs["first"].input[1]) == "DequantizeLinear"
+    assert convs["last"].input[1] == "w1" and "w1" in {init.name for init in quantized.initializer}

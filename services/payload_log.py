@@ -286,8 +286,9 @@ class DriftMonitor:
 
     def observe(self, model: str, contract: Any, classes: Any = None, ood_scores: Any = None) -> None:
         """Predicted class ids and OOD scores of one answer (any of them may be None)."""
+        # A native answer gives one class and one score (plain numbers): no numpy on that path.
         if ood_scores is not None and self.metrics is not None:
-            for score in np.atleast_1d(ood_scores):
+            for score in (ood_scores,) if isinstance(ood_scores, float) else np.atleast_1d(ood_scores):
                 if math.isfinite(float(score)):
                     self.metrics.ood_score(model, float(score))
         if classes is None:
@@ -297,7 +298,7 @@ class DriftMonitor:
             return
         window = self._predictions.setdefault(model, collections.deque())
         counts = self._counts.setdefault(model, np.zeros(len(expected), np.int64))
-        for class_id in np.atleast_1d(classes):
+        for class_id in (classes,) if isinstance(classes, int) else np.atleast_1d(classes):
             class_id = int(class_id)
             if not 0 <= class_id < len(expected):
                 continue

@@ -201,10 +201,11 @@ def export_variant(family: Family, ckpt_dir: Path, variant: str, data_path: Path
     metric = family.primary_metric
     result: VariantResult | None = None
 
-    def attempt(tmp: Path, exclude: list[str]) -> Gate:
-        """Builds the variant into ``tmp`` (int8: with ``exclude`` kept fp32) and measures its gate."""
+    def attempt(tmp: Path, exclude: list[str], graph: Path = source) -> Gate:
+        """Builds the variant of ``graph`` into ``tmp`` (int8: with ``exclude`` kept fp32) and
+        measures its gate against the fp32 model's figure."""
         if variant == "int8":
-            method = _int8(family, source, tmp, spec.input_names, calibration, exclude)
+            method = _int8(family, graph, tmp, spec.input_names, calibration, exclude)
         else:
             method = _fp16(family, source, tmp)
         _with_contract(tmp, contract, {"variant": variant})
@@ -218,7 +219,19 @@ def export_variant(family: Family, ckpt_dir: Path, variant: str, data_path: Path
         nonlocal result
         gate = attempt(tmp, [])
         if variant == "int8" and family.int8_method == "static" and gate.loss > gate.tolerance:
-            gate = keep_sensitive_layers_fp32(tmp, gate)
+            # Fine-tuned weights first (when the family has a recipe), then, where still over, the
+            # most sensitive layers of the better graph kept fp32.
+            graph, note = source, ""
+            tuned_graph = tmp.with_name(tmp.name + ".qat-fp32.onnx")
+            try:
+                if family.int8_finetune_steps:
+                    tuned, tuned_note = quantization_aware(tmp, gate, tuned_graph)
+                    if tuned.loss < gate.loss:
+                        gate, graph, note = tuned, tuned_graph, tuned_note
+                if gate.loss > gate.tolerance or gate.speedup <= 1.0:
+                    gate = keep_sensitive_layers_fp32(tmp, gate, graph, note)
+            finally:
+                tuned_graph.unlink(missing_ok=True)
         if gate.loss > gate.tolerance:
             gate.reason = (f"{metric} {gate.value:.4f} against fp32's {gate.fp32:.4f}: worse by {gate.loss:.4f}, "
                            f"more than the tolerance {gate.tolerance:g}")
@@ -232,20 +245,37 @@ def export_variant(family: Family, ckpt_dir: Path, variant: str, data_path: Path
                                   if variant == "fp16" else "")
         result = VariantResult(family.name, variant, target, contract, gate, checkpoint)
 
-    def keep_sensitive_layers_fp32(tmp: Path, whole: Gate) -> Gate:
-        """Each layer's own loss (it alone quantized), then the most sensitive kept fp32, one more at
-        a time, until the figure is within tolerance, while int8 is still faster (the default
-        denoiser: 0.72 dB lost quantized whole; its last two decoder convolutions alone cost 0.43
-        and 0.19 dB). -> the gate of the last graph built into ``tmp``."""
-        nodes = quantizable_nodes(source, family.int8_ops)
-        alone = {node: attempt(tmp, [n for n in nodes if n != node]).loss for node in nodes}
+    def quantization_aware(tmp: Path, whole: Gate, tuned_graph: Path) -> tuple[Gate, str]:
+        """The whole graph int8 again, from weights fine-tuned with the rounding simulated
+        (export/qat.py), exported through the one export routine to ``tuned_graph``.
+        -> (its gate, what the fine-tuning adds to a method's description)."""
+        from export.onnx_export import export_module
+        from export.qat import finetune_for_int8
+
+        tuned = finetune_for_int8(family, model, data, family.int8_finetune_steps)
+        export_module(family.export_spec(tuned, cfg, checkpoint), base.contract, {}, tuned_graph)
+        gate = attempt(tmp, [], tuned_graph)
+        note = (f"; weights fine-tuned {family.int8_finetune_steps} steps with int8 rounding simulated "
+                f"(quantized as trained they lost {whole.loss:.3f})")
+        gate.method += note
+        log.info("%s int8 after quantization-aware fine-tuning: %s", name, gate.summary())
+        return gate, note
+
+    def keep_sensitive_layers_fp32(tmp: Path, whole: Gate, graph: Path, note: str) -> Gate:
+        """Each layer of ``graph`` on its own (it alone quantized), then the most sensitive kept
+        fp32, one more at a time, until the figure is within tolerance, while int8 is still faster
+        (the default denoiser: 0.72 dB lost quantized whole; its last two decoder convolutions
+        alone cost 0.43 and 0.19 dB). -> the gate of the last graph built into ``tmp``."""
+        nodes = quantizable_nodes(graph, family.int8_ops)
+        alone = {node: attempt(tmp, [n for n in nodes if n != node], graph).loss for node in nodes}
         log.info("%s int8: each layer's loss alone: %s", name,
                  ", ".join(f"{n} {loss:.3f}" for n, loss in sorted(alone.items(), key=lambda kv: -kv[1])))
         kept: list[str] = []
         gate = whole
         for node in sorted(nodes, key=lambda n: -alone[n])[: max(1, len(nodes) // 2)]:
             kept.append(node)
-            gate = attempt(tmp, kept)
+            gate = attempt(tmp, kept, graph)
+            gate.method += note
             if gate.loss <= gate.tolerance or gate.speedup <= 1.0:
                 break
         if gate.loss > gate.tolerance:  # no better: leave the whole graph's figures in the refusal

@@ -152,19 +152,24 @@ def test_segment_benchmark_profile_on_the_camvid_layout(tmp_path):
 
 
 def test_sample_benchmark_profile_picks_by_the_frechet_ratio(tmp_path, built_models):  # the classifier judges
-    """The AC-GAN with the mode-seeking term learns digits (class agreement above chance), the
-    Fréchet figures are measured, the state is picked by the ratio, and the generator exports."""
+    """The AC-GAN with the mode-seeking term, DiffAugment and the weight average, drawing at 8x8,
+    learns digits (class agreement above chance), the Fréchet figures are measured, the state is
+    picked by the ratio, and the averaged generator exports."""
     from export.onnx_export import PARITY_TOLERANCE, export_onnx
 
     family = FAMILIES["sample"]
     metrics = run("sample", "benchmark", data=tmp_path / "ignored", out_dir=tmp_path, progress=False,
                   train_overrides={"steps": 150, "eval_every": 50, "lr": 2e-3, "warmup_steps": 5},
-                  model_overrides={"g_channels": 32, "d_channels": 16, "eval_per_class": 10})
+                  # the weight average at 0.9: 0.999 would hardly leave the initial weights in 150 steps
+                  model_overrides={"g_channels": 32, "d_channels": 16, "eval_per_class": 10, "ema": 0.9})
     assert metrics["class_agreement"] > 0.3, metrics
     assert metrics["frechet_distance"] > 0 and metrics["frechet_ratio"] > 0
     logged = [__import__("json").loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics["frechet_ratio"] == min(row["frechet_ratio"] for row in logged)
-    assert _state(tmp_path)["data"]["real_frechet_distance"] > 0
+    state = _state(tmp_path)
+    assert state["data"]["real_frechet_distance"] > 0
+    assert state["model_config"]["source_size"] == 8  # the digits' own resolution
+    assert any(k.startswith("generator_ema.") for k in state["state_dict"])
     assert export_onnx(family, tmp_path).parity_max_abs_diff <= PARITY_TOLERANCE
 
 
@@ -186,6 +191,33 @@ def test_projection_discriminator_trains_a_step():
     assert unchanged <= {"discriminator.real_fake.bias"}, unchanged
     with pytest.raises(ValueError, match="discriminator"):
         GAN(SampleConfig(discriminator="wasserstein"))
+
+
+def test_twin_auxiliary_classifier_trains_a_step():
+    """TAC-GAN's twin head learns the fakes' classes and every weight moves in one step, the
+    generator's weight average with it; DiffAugment keeps shapes and passes gradients."""
+    from training.config import TrainConfig
+    from training.families.sample import GAN, SampleConfig, SampleFamily, diff_augment
+
+    torch.manual_seed(0)
+    cfg = SampleConfig(g_channels=8, d_channels=8, discriminator="twin-auxiliary-classifier", mode_seeking=0.05,
+                       diff_augment=True, ema=0.5, loss="hinge", spectral_norm=True)
+    family, model = SampleFamily(), GAN(cfg)
+    optimizers = family.optimizers(model, TrainConfig(lr=1e-3))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    ema_before = {n: p.clone() for n, p in model.generator_ema.named_parameters()}
+    losses = family.train_step(model, (torch.rand(8, 1, 28, 28), torch.arange(8) % 10), optimizers, TrainConfig())
+    assert all(np.isfinite(v) for v in losses.values())
+    unchanged = {n for n, p in model.named_parameters() if p.requires_grad and torch.equal(before[n], p)}
+    assert not {n for n in unchanged if "twin" in n or "classes" in n}, unchanged
+    assert all(not torch.equal(ema_before[n], p) for n, p in model.generator_ema.named_parameters())
+    assert model.sampler is model.generator_ema
+
+    images = torch.rand(6, 1, 28, 28, requires_grad=True)
+    seen = diff_augment(images)
+    assert seen.shape == images.shape
+    seen.sum().backward()
+    assert images.grad is not None and 0 < int((images.grad != 0).sum()) < images.numel()  # shifted, cut out
 
 
 def test_parity_of_integer_outputs_counts_the_share_that_differs():

@@ -147,3 +147,48 @@ def test_int8_keeps_the_excluded_layers_fp32(tmp_path):
     convs = {node.name: node for node in quantized.node if node.op_type == "Conv"}
     assert producers.get(convs["first"].input[1]) == "DequantizeLinear"
     assert convs["last"].input[1] == "w1" and "w1" in {init.name for init in quantized.initializer}
+
+
+def test_quantization_aware_fine_tuning_folds_norms_and_leaves_plain_weights():
+    """export/qat.py: folding a batch norm into its convolution changes no output; the fine-tuned
+    copy has no norms, no fake quantization left on it, new weights, and a lower loss under int8
+    rounding than the folded model had; the source model is untouched."""
+    import itertools
+
+    import torch
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    from export.qat import fake_quantized, finetune_for_int8, fold_batch_norms
+    from training.family import Data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 1, 3, padding=1))
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.rand(2, 1, 12, 12)
+    folded = fold_batch_norms(__import__("copy").deepcopy(model))
+    assert isinstance(folded[1], nn.Identity)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+    class Target:  # denoise-like: learn to halve the input
+        @staticmethod
+        def loss(m, batch):
+            return nn.functional.mse_loss(m(batch), batch * 0.5)
+
+    batches = (torch.rand(4, 1, 12, 12) for _ in itertools.count())
+    data = Data(batches, None, "fp", "random")
+    rounded = fold_batch_norms(__import__("copy").deepcopy(model))
+    fake_quantized(rounded)
+    probe = torch.rand(16, 1, 12, 12)
+    before = float(Target.loss(rounded, probe))
+    tuned = finetune_for_int8(Target(), model, data, steps=200, lr=1e-2)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in tuned.modules())
+    assert not any(parametrize.is_parametrized(m) for m in tuned.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tuned.modules())
+    assert isinstance(model[1], nn.BatchNorm2d)  # the source model is not folded in place
+    requantized = __import__("copy").deepcopy(tuned)
+    fake_quantized(requantized)
+    assert float(Target.loss(requantized, probe)) < before

@@ -63,6 +63,9 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
+DIGITS_SIZE = 8  # scikit-learn's digits are 8x8 scans; load_labelled_images upsamples them
+
+
 def load_labelled_images(data_path: Path | None, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str], str, str]:
     """Returns images (N, 1, size, size) in [0, 1] with light strokes on dark, labels, class names,
     a fingerprint and a description. Default: scikit-learn's handwritten digits."""
@@ -70,7 +73,7 @@ def load_labelled_images(data_path: Path | None, size: int) -> tuple[torch.Tenso
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        pixels = (digits.images / 16.0).astype(np.float32)  # 8x8, 0..16 in the original
+        pixels = (digits.images / 16.0).astype(np.float32)  # DIGITS_SIZE square, 0..16 in the original
         labels = digits.target.astype(np.int64)
         names = [str(i) for i in range(10)]
         desc = "scikit-learn digits (1797 8x8 images, upsampled)"

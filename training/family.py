@@ -65,6 +65,9 @@ class Family:
     # below the fp32 graph's (in the metric's own units).
     int8_method: str = "static"  # static (calibrated QDQ) | dynamic
     int8_ops: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    # Static int8 that misses the tolerance is tried again after this many steps of
+    # quantization-aware fine-tuning (export/qat.py) on the family's loss; 0 = never.
+    int8_finetune_steps: int = 0
     fp16_keep_fp32: tuple[str, ...] = ()
     variant_tolerance: float = 0.0
     # Bumped when the exported graph's interface changes: `--build-missing` re-exports stored

@@ -35,7 +35,7 @@ class DenoiseConfig:
     blind_fraction: float = 0.5  # share of training patches shown without their noise level
     clip_noisy: bool = True  # training inputs clipped to [0, 1] like a PNG upload; the benchmark convention is not
     eval_sigma: float = 25.0
-    eval_crop: int = 256
+    eval_crop: int = 256  # held-out figures are the mean over every eval_crop-square tile of the held-out images
 
 
 class ResidualDenoiser(nn.Module):
@@ -124,6 +124,16 @@ def seeded_noisy(images: list[torch.Tensor], sigma: float, clip: bool) -> list[t
     return [n.clamp(0, 1) for n in noisy] if clip else noisy
 
 
+def _tiles(img: np.ndarray, size: int) -> list[np.ndarray]:
+    """Every whole ``size``-square tile of ``img`` (the centred crop when it has none): small
+    crops are what users send, and borders weigh more in them."""
+    h, w = img.shape
+    if h < size or w < size:
+        return [_center_crop(img, size)]
+    top, left = (h % size) // 2, (w % size) // 2
+    return [img[y:y + size, x:x + size] for y in range(top, h - size + 1, size) for x in range(left, w - size + 1, size)]
+
+
 def _center_crop(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
@@ -135,11 +145,15 @@ class DenoiseFamily(Family):
     task = "image-denoising"
     config_cls = DenoiseConfig
     primary_metric = "psnr_gain_blind"
-    floor = 6.0
+    # Blind PSNR gain at sigma 25 over the 128-square tiles of the held-out photos (small crops, what
+    # users send: issue 27's measure); the standard recipe gave 8.33 dB here.
+    floor = 7.0
     profiles = {
         "quick": {"train": {"steps": 120, "eval_every": 60, "lr": 2e-3, "batch_size": 16, "warmup_steps": 10},
                   "model": {"channels": 16, "layers": 5, "eval_crop": 96}},
-        "standard": {"train": {"steps": 700, "eval_every": 175, "lr": 2e-3, "batch_size": 24}, "model": {}},
+        # 1,000 steps: 700 left it short (7.62 dB blind on the small tiles against 8.33; issue 27).
+        "standard": {"train": {"steps": 1000, "eval_every": 250, "lr": 2e-3, "batch_size": 24},
+                     "model": {"eval_crop": 128}},
         # Train400 -> Set12 at sigma 15/25/50 (DnCNN's benchmark); the model is picked on 40 held-out
         # Train400 images, Set12 is measured once at the end. About 36 minutes here.
         "benchmark": {"name": "denoise-bsd", "data": "denoise",
@@ -169,7 +183,7 @@ class DenoiseFamily(Family):
             train, heldout, test, fp, desc = load_denoise_benchmark(Path(data_path))
         else:
             train, heldout, fp, desc = load_photos(data_path)
-        crops = [torch.from_numpy(_center_crop(p, cfg.eval_crop).copy())[None, None] for p in heldout]
+        crops = [torch.from_numpy(tile.copy())[None, None] for p in heldout for tile in _tiles(p, cfg.eval_crop)]
         gen = torch.Generator().manual_seed(seed + 1)
         noisy = [c + torch.randn(c.shape, generator=gen) * cfg.eval_sigma / 255 for c in crops]
         noisy = [n.clamp(0, 1) if cfg.clip_noisy else n for n in noisy]
@@ -199,6 +213,9 @@ class DenoiseFamily(Family):
             yield noisy, level, clean
 
     variant_tolerance = 0.2  # dB of PSNR gain
+    # Quantized as trained, the stack of 3x3 convolutions loses 0.7 dB (each layer's rounding adds up);
+    # fine-tuned with the rounding simulated it loses none (README, issue 27).
+    int8_finetune_steps = 300
 
     def graph_model(self, run, cfg: DenoiseConfig):
         return lambda noisy, level: torch.from_numpy(run({"noisy": noisy.numpy(), "noise_level": level.numpy()})["denoised"])

@@ -89,11 +89,11 @@ def finetune_for_int8(family: Family, model: nn.Module, data: Data, steps: int =
     """A copy of ``model`` with batch norms folded, fine-tuned ``steps`` steps with the int8
     rounding simulated, on the family's own loss and training batches; returned with plain float
     weights (the quantizer rounds them) -> ready for the one export routine."""
+    # eval: folded, there are no batch statistics to update; dropout, where any, stays off
     tuned = fold_batch_norms(copy.deepcopy(model).eval())
     handles = fake_quantized(tuned)
     params = [p for p in tuned.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
-    tuned.eval()  # folded: no batch statistics to update; dropout, where any, stays off
     for step, batch in enumerate(itertools.islice(data.train_batches, steps)):
         loss = family.loss(tuned, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -104,6 +104,6 @@ def finetune_for_int8(family: Family, model: nn.Module, data: Data, steps: int =
             log.info("int8 fine-tuning step %d: loss %.6f", step, loss.item())
     for handle in handles:
         handle.remove()
-    for conv in [m for m in tuned.modules() if isinstance(m, nn.Conv2d)]:
+    for conv in [m for m in tuned.modules() if parametrize.is_parametrized(m, "weight")]:
         parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
-    return tuned.eval()
+    return tuned

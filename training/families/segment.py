@@ -180,7 +180,7 @@ class SegmentFamily(Family):
         "standard": {"train": {"steps": 1500, "eval_every": 250, "lr": 3e-3, "batch_size": 16}, "model": {}},
         # CamVid train -> val, 11 classes at 240x180, from scratch; the figure is the val mean IoU.
         "benchmark": {"name": "segment-camvid", "data": "segment/camvid",
-                      "train": {"steps": 2000, "eval_every": 400, "lr": 3e-3, "batch_size": 8, "warmup_steps": 100,
+                      "train": {"steps": 4000, "eval_every": 500, "lr": 3e-3, "batch_size": 8, "warmup_steps": 100,
                                 "weight_decay": 1e-4},
                       "model": {"base_channels": 16, "depth": 4, "class_weighting": "inverse-log-frequency",
                                 "crop_height": 176, "crop_width": 224, "scale_min": 0.8, "scale_max": 1.4,

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 CONTRACT_KEY = "contract"
 ONNX_FILE = "model.onnx"
+# A model's name in the store and on every API (a BentoML model name): training, export, imports and
+# serving all check names with this one pattern (``MODEL_NAME.fullmatch(name)``).
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 # The one datatype table: numpy dtype name <-> Open Inference Protocol datatype. Every layer (contract,
 # codecs, metadata, gRPC) reads it; BYTES tensors are numpy object arrays of ``bytes``.

@@ -25,7 +25,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_write
 from contract import ONNX_FILE, ModelContract
+from export.importing import (ImportRefused, check_name, default_name, settle_int8_gate, store_import,
+                              store_int8_variant)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,6 @@ def _json(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        from export.imports import ImportRefused
-
         raise ImportRefused(f"{path.name}: not readable JSON ({exc})") from None
 
 
@@ -78,8 +79,6 @@ def chat_template(folder: Path, tokenizer_config: dict) -> str | None:
 
 def text_extra(folder: Path, config, tokenizer) -> dict[str, Any]:
     """What the engine and the chat front-end read from the folder (contract ``extra``)."""
-    from export.imports import ImportRefused
-
     tokenizer_config = _json(folder / "tokenizer_config.json")
     generation = _json(folder / "generation_config.json")
     eos = generation.get("eos_token_id", getattr(config, "eos_token_id", None))
@@ -115,7 +114,6 @@ def import_causal_lm(folder: Path, name: str | None = None, store: bool = True,
     import transformers
     from tokenizers import Tokenizer
 
-    from export.imports import ImportRefused, check_name, default_name, store_import
     from export.onnx_export import export_module
     from training import decoders
 
@@ -223,10 +221,8 @@ def import_text_int8(name: str, stored, text_path: Path, max_loss: float = 0.02,
 
     from tokenizers import Tokenizer
 
-    from export.imports import ImportRefused, check_name, settle_int8_gate, store_int8_variant
+    from common.runtime import OnnxSession, read_contract
     from export.variants import Gate, _median_ms, _with_contract, quantize_int8
-    from services.runtime import OnnxSession, read_contract
-    from training.artifacts import atomic_write
 
     folder = Path(stored.path)
     source = folder / ONNX_FILE

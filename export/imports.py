@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import tempfile
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,24 +32,22 @@ from typing import Any
 
 import numpy as np
 
+from common.files import atomic_write
 from contract import ONNX_FILE, ImageSpec, ModelContract, TensorSpec
+from export.importing import (ImportRefused, check_name, default_name, settle_int8_gate, store_import,
+                              store_int8_variant)
 
 log = logging.getLogger(__name__)
 
 TASK_NAMES = {"classify": "image-classification", "segment": "semantic-segmentation", "denoise": "image-denoising",
               "super-resolution": "image-to-image"}
 IMAGE_TASKS = ("image-classification", "semantic-segmentation", "image-denoising", "image-to-image")
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's codes, as HF configs hold them
 # The most pixels an upload may have, per task: fixed-size tasks resize it away; the others run the
 # graph at the upload's size (the memory budget bounds them further, from the measured figure).
 DEFAULT_MAX_PIXELS = {"image-classification": 16_000_000, "semantic-segmentation": 4_000_000,
                       "image-denoising": 4_000_000, "image-to-image": 1_048_576}
 PARITY_TOLERANCE = 1e-4
-
-
-class ImportRefused(ValueError):
-    """The model does not fit its spec or the suite; the message names what. Nothing was written."""
 
 
 # ---- the task spec -------------------------------------------------------------------------------
@@ -381,34 +377,6 @@ def layout_of(shape: list[int]) -> str:
 
 # ---- storing -------------------------------------------------------------------------------------
 
-def check_name(name: str) -> str:
-    if not MODEL_NAME.match(name):
-        raise ImportRefused(f"--name {name!r}: a model name is lower-case letters, digits, '.', '_', '-' "
-                            "(at most 63 characters)")
-    return name
-
-
-def default_name(path: Path) -> str:
-    stem = path.stem if path.suffix == ".onnx" else path.name
-    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:63] or "imported"
-
-
-def store_import(contract: ModelContract, onnx_path: Path, parity_max_abs_diff: float, origin: dict,
-                 extra_files: list[Path] = ()) -> str:
-    """The written graph as a new version of ``contract.name``; -> its tag."""
-    from export.onnx_export import store_model
-    from training.artifacts import git_revision
-
-    metadata = {"family": contract.family, "task": contract.task, "source": contract.family,
-                "architecture": contract.architecture, "parity_max_abs_diff": parity_max_abs_diff,
-                "git_revision": git_revision(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "variant": "fp32", "metrics": {}, "benchmark": {},
-                # what it was imported from, as JSON text (the store's metadata takes no None)
-                "import": json.dumps(origin, default=list, sort_keys=True)}
-    return store_model(contract.name, {"task": contract.task, "source": contract.family}, metadata, onnx_path,
-                       list(extra_files))
-
-
 def write_graph(proto, contract: ModelContract, out_path: Path, reference: Path, tolerance: float = 0.0) -> tuple[ModelContract, float]:
     """An ONNX graph as it is, with the contract in its metadata: written atomically after
     ``onnx.checker``, ONNX Runtime on the written file against the original file (the same
@@ -416,7 +384,6 @@ def write_graph(proto, contract: ModelContract, out_path: Path, reference: Path,
     import onnx
 
     from export.onnx_export import finish_artifact
-    from training.artifacts import atomic_write
 
     try:
         onnx.checker.check_model(proto, full_check=False)
@@ -705,7 +672,7 @@ def calibration_feeds(contract: ModelContract, folder: Path, limit: int = 64) ->
     preprocesses an upload of it: one feed per image."""
     from PIL import Image
 
-    from services.imaging import load_image, to_model_input
+    from common.imaging import load_image, to_model_input
 
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit] if folder.is_dir() else []
     if len(paths) < 4:
@@ -748,9 +715,8 @@ def import_int8(name: str, calibration: Path, min_agreement: float = 0.99, store
     import bentoml
     from bentoml.exceptions import NotFound
 
+    from common.runtime import OnnxSession, read_contract
     from export.variants import Gate, _median_ms, _with_contract, quantize_int8
-    from services.runtime import OnnxSession, read_contract
-    from training.artifacts import atomic_write
 
     if not 0 < min_agreement <= 1:
         raise ImportRefused(f"--min-agreement {min_agreement}: a share in (0, 1]")
@@ -797,32 +763,6 @@ def import_int8(name: str, calibration: Path, min_agreement: float = 0.99, store
         tag = store_int8_variant(variant_name, stored, contract, gate, path) if store else None
     log.info("%s: %s; %s", variant_name, gate.reason, gate.summary())
     return gate, tag
-
-
-def settle_int8_gate(gate, quality_shortfall: str | None) -> None:
-    """An int8 gate's verdict (image and text variants alike): refused (``VariantRefused``, with
-    the figures) when its quality falls short or it is not faster than fp32 here, else passed."""
-    from export.variants import VariantRefused
-
-    if quality_shortfall:
-        gate.reason = quality_shortfall
-    elif gate.speedup <= 1.0:
-        gate.reason = f"slower than fp32 on this CPU ({gate.variant_ms:.2f} ms against {gate.fp32_ms:.2f} ms)"
-    if gate.reason:
-        raise VariantRefused(f"refused: {gate.reason}; nothing was written ({gate.summary()})", gate)
-    gate.passed, gate.reason = True, "passed"
-
-
-def store_int8_variant(variant_name: str, stored, contract: ModelContract, gate, path: Path,
-                       extra_files: list[Path] = ()) -> str:
-    """A passed int8 variant as a new store version, its gate and origin in the metadata; -> its tag."""
-    from export.onnx_export import store_model
-
-    metadata = {**{k: v for k, v in stored.info.metadata.items() if k != "parity_max_abs_diff"},
-                "variant": "int8", "variant_of": stored.tag.name, "gate": json.loads(json.dumps(gate.as_dict())),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return store_model(variant_name, {"task": contract.task, "source": contract.family, "variant": "int8"},
-                       metadata, path, list(extra_files))
 
 
 # ---- the command line ------------------------------------------------------------------------------

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from common.resources import peak_above_rest
 from contract import ModelContract
 
 SIDES = (256, 768)  # image sides for graphs with dynamic height and width
@@ -44,26 +44,6 @@ def feeds_for(contract: ModelContract, rows: int, side: int) -> dict[str, np.nda
     return feeds
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise KeyError(field)
-
-
-def peak_above_rest(run) -> int:
-    """Peak resident bytes above the resting ones while ``run()`` runs."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux 4.0+)
-    except OSError:
-        rest = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        run()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rest
-    rest = _status_bytes("VmRSS")
-    run()
-    return _status_bytes("VmHWM") - rest
-
-
 def measure_here(onnx_path: Path, contract: ModelContract) -> dict[str, int]:
     """In this process: {"peak_bytes_per_pixel" or "peak_bytes_per_row": n}; {} for text models."""
     import onnxruntime as ort
@@ -73,7 +53,7 @@ def measure_here(onnx_path: Path, contract: ModelContract) -> dict[str, int]:
         return {}
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    options.enable_cpu_mem_arena = False  # as serving runs it (services/runtime.py)
+    options.enable_cpu_mem_arena = False  # as serving runs it (common/runtime.py)
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     # Within the model's own limits: an imported ResNet-50 at 256 rows would need gigabytes.
     top_rows = contract.max_batch or ROWS[1]

@@ -16,8 +16,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from common.files import atomic_write
 from contract import CONTRACT_KEY, ONNX_FILE, ModelContract
-from training.artifacts import atomic_write, family_dir, git_revision
+from training.artifacts import family_dir, git_revision
 from training.family import ExportSpec, Family
 from export.memory import measure as measure_memory
 from training.loop import load_checkpoint
@@ -40,7 +41,6 @@ class ExportResult:
     contract: ModelContract
     parity_max_abs_diff: float
     checkpoint: dict
-    store_tag: str | None = None
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from common.files import atomic_write
 from contract import CONTRACT_KEY, ONNX_FILE, ModelContract
-from training.artifacts import atomic_write
 from training.config import TrainConfig
 from training.family import Family
 from training.loop import load_checkpoint
@@ -181,7 +181,7 @@ def _median_ms(run, feeds: list[dict[str, np.ndarray]]) -> float:
 def export_variant(family: Family, ckpt_dir: Path, variant: str, data_path: Path | None = None) -> VariantResult:
     """Builds ``model.<variant>.onnx`` next to the fp32 file and gates it; raises VariantRefused
     (and leaves no file) when it fails."""
-    from services.runtime import OnnxSession
+    from common.runtime import OnnxSession
 
     if variant not in VARIANTS[1:]:
         raise ValueError(f"variant {variant!r}: choose {', '.join(VARIANTS[1:])} (fp32 is the plain export)")

@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Protocol, TypeVar
 from urllib.parse import urlsplit
 
+from common.files import atomic_write
+from common.resources import resident_bytes
 from loadtest.overload import percentile as overload_percentile
-from services.budget import resident_bytes
-from services.control import write_atomically
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -950,8 +950,7 @@ def report(outcomes: list[Outcome], goals: Goals, rest: int | None, server: str)
 
 def write_report(text: str, path: Path) -> None:
     """Written to a temporary file, then renamed: a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, text.encode())
+    atomic_write(path, text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:

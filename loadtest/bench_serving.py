@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.servers import Server, free_port, start_server, start_suite
+from loadtest.servers import Server, free_port, start_server, start_suite, suite_worker_count
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,9 +45,7 @@ def start_labelled_suite(env_overrides: dict, workdir: Path, suite_dir: Path) ->
     server = start_suite(env_overrides, workdir / f"{label}.log", cwd=suite_dir)
     # /readyz answers once one worker is up; a worker still loading accepts nothing, and wrk's
     # keep-alive connections would all stay with the first. Wait for every worker's listeners.
-    from services.config import ServingConfig
-
-    workers = ServingConfig.load(environ={**os.environ, **env_overrides}, arguments={}).worker_count
+    workers = suite_worker_count({**os.environ, **env_overrides})
     deadline = time.monotonic() + 120
     while server.log().count("Completed async startup hook: start_listeners") < workers:
         if time.monotonic() > deadline:
@@ -83,7 +81,7 @@ def multipart(image: bytes, **fields: str) -> tuple[bytes, str]:
 
 def model_input(png: bytes, contract) -> np.ndarray:
     """The upload preprocessed exactly as the suite does it (the model's input tensor)."""
-    from services.imaging import decode_image, to_model_input
+    from common.imaging import decode_image, to_model_input
 
     return to_model_input(decode_image(png, "image", 10 ** 8), contract.image)
 
@@ -263,11 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     import bentoml
 
     from loadtest.payloads import digit_png, photo_png, scene_png
-    from services.config import ServingConfig, available_cores
-    from services.runtime import read_contract
+    from common.resources import available_cores
+    from common.runtime import read_contract
 
     cores = available_cores()
-    suite_workers = ServingConfig.load(arguments={}).worker_count
+    suite_workers = suite_worker_count(os.environ)
     model = Path(bentoml.models.get(args.classifier).path) / "model.onnx"
     contract = read_contract(model)
     if args.classifier == "classify":
@@ -355,10 +353,15 @@ def main(argv: list[str] | None = None) -> int:
             payloads = {"classify": (png, {"top_k": "5"}), "segment": (scene_png()[0], {}),
                         "denoise": (photo_png(size=64)[0], {"sigma": "25"})}
             # fp32 for a plain model name; each variant by its own name, side by side in one server
-            suite = start_labelled_suite({"SUITE_VARIANT": "fp32"}, workdir, args.suite_dir)
+            variants = {family: stored_variants(family) for family in payloads}
+            env = {"SUITE_VARIANT": "fp32"}
+            if os.environ.get("SUITE_MODELS"):  # a chosen set of models: the variants' own names join it
+                named = [n for found in variants.values() for _, n, _ in found]
+                env["SUITE_MODELS"] = ",".join(dict.fromkeys([*os.environ["SUITE_MODELS"].split(","), *named]))
+            suite = start_labelled_suite(env, workdir, args.suite_dir)
             try:
                 for family, (image, fields) in payloads.items():
-                    for variant, name, gate in stored_variants(family):
+                    for variant, name, gate in variants[family]:
                         body, ctype = multipart(image, model=name, **fields)
                         if family == "classify":
                             check_classify(suite.url, body, ctype, label)

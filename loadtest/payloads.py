@@ -28,7 +28,7 @@ def digit_png(index: int = 1700, size: int = 64) -> tuple[bytes, int]:
 
 @lru_cache
 def scene_png(seed: int = 99_999, size: int = 64) -> tuple[bytes, np.ndarray]:
-    from training.scenes import generate_scene  # numpy only
+    from common.scenes import generate_scene
 
     image, mask = generate_scene(np.random.default_rng(seed), size, size)
     return png_bytes((image * 255 + 0.5).astype(np.uint8)), mask

@@ -60,9 +60,9 @@ def main() -> None:
     from locust import HttpUser, constant_throughput, task
     from locust.env import Environment
 
+    from common.resources import available_cores
     from loadtest.bench_serving import wrk
     from loadtest.payloads import photo_png
-    from services.config import available_cores
 
     workdir = Path(tempfile.mkdtemp(prefix="ramp-"))
     image, _ = photo_png("camera", 224)

@@ -27,46 +27,43 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 
-from services.imaging import decode_image, to_model_input
-from services.runtime import read_contract
-from services.tasks.classify import softmax  # the suite's own, so both do the same work
-
-MODEL = Path(os.environ.get("REFERENCE_MODEL", "model.onnx"))
-contract = read_contract(MODEL)
-options = ort.SessionOptions()
-options.intra_op_num_threads = int(os.environ.get("REFERENCE_THREADS", "1"))
-options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-session = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
-app = FastAPI()
+from common.imaging import decode_image, to_model_input
+from common.runtime import read_contract
+from common.scores import probabilities  # the suite's own functions throughout, so both do the same work
 
 
-INPUT = contract.inputs[0].name
-READY_DIR = os.environ.get("REFERENCE_READY_DIR")  # each worker leaves a file there once it listens
-LOGITS = not contract.extra.get("outputs_probabilities", True)  # an imported classifier's graph may end in logits
+def make_app(model: Path, threads: int, ready_dir: str | None, workers: int) -> FastAPI:
+    """The app for one worker: the model's session made here, when the server starts, not at import."""
+    contract = read_contract(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    input_name = contract.inputs[0].name
+    app = FastAPI()
 
+    @app.post("/classify")
+    async def classify(image: UploadFile = File(...), top_k: int = Form(5)) -> dict:
+        picture = decode_image(await image.read(), "image", contract.limits["max_pixels"])
+        scores = session.run(None, {input_name: to_model_input(picture, contract.image)})[0][0]
+        probs = probabilities(scores, contract)  # an imported classifier's graph may end in logits
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        return {"model": contract.name,
+                "predictions": [{"label": contract.labels[i], "class_id": int(i), "probability": float(probs[i])}
+                                for i in order]}
 
-@app.post("/classify")
-async def classify(image: UploadFile = File(...), top_k: int = Form(5)) -> dict:
-    picture = decode_image(await image.read(), "image", contract.limits["max_pixels"])
-    scores = session.run(None, {INPUT: to_model_input(picture, contract.image)})[0][0]
-    probs = softmax(scores) if LOGITS else scores
-    order = np.argsort(-probs, kind="stable")[:top_k]
-    return {"model": contract.name,
-            "predictions": [{"label": contract.labels[i], "class_id": int(i), "probability": float(probs[i])} for i in order]}
+    @app.get("/ready")
+    def ready() -> dict:
+        """200 once every worker listens (the benchmark's wait: with SO_REUSEPORT a worker still
+        loading has no socket yet, so the first connections would all go to the others)."""
+        listening = len(os.listdir(ready_dir)) if ready_dir else 1
+        if listening < workers:
+            raise HTTPException(503, f"{listening} workers listening")
+        return {"workers": listening}
 
-
-@app.get("/ready")
-def ready() -> dict:
-    """200 once every worker listens (the benchmark's wait: with SO_REUSEPORT a worker still loading
-    has no socket yet, so the first connections would all go to the others)."""
-    from fastapi import HTTPException
-
-    listening = len(os.listdir(READY_DIR)) if READY_DIR else 1
-    if listening < int(os.environ.get("REFERENCE_WORKERS", "1")):
-        raise HTTPException(503, f"{listening} workers listening")
-    return {"workers": listening}
+    return app
 
 
 def main() -> None:
@@ -82,13 +79,16 @@ def main() -> None:
         sys.exit(max(child.wait() for child in children))
     import uvicorn
 
+    ready_dir = os.environ.get("REFERENCE_READY_DIR")  # each worker leaves a file there once it listens
+    app = make_app(Path(os.environ.get("REFERENCE_MODEL", "model.onnx")), int(os.environ.get("REFERENCE_THREADS", "1")),
+                   ready_dir, int(os.environ.get("REFERENCE_WORKERS", "1")))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((args.host, args.port))
     sock.listen(2048)
-    if READY_DIR:
-        Path(READY_DIR, str(os.getpid())).touch()
+    if ready_dir:
+        Path(ready_dir, str(os.getpid())).touch()
     uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="warning")).run(sockets=[sock])
 
 

@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,11 +72,25 @@ def start_server(command: list[str], *, port: int, env: dict, cwd: Path, log_pat
     raise TimeoutError(f"not ready in {timeout}s:\n{server.log()[-4000:]}")
 
 
+def suite_worker_count(environ: Mapping[str, str]) -> int:
+    """How many worker processes ``bentoml serve`` of the suite starts under ``environ``:
+    ``SUITE_WORKERS``, else one per available core (``ServingConfig.worker_count``'s rule, which
+    tests/test_serving_units.py holds this to; the load tests import nothing from services)."""
+    from common.resources import available_cores
+
+    return int(environ.get("SUITE_WORKERS") or 0) or available_cores()
+
+
 def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: float = 240,
                 ready_path: str = "/readyz") -> Server:
     """``bentoml serve`` of the suite in ``cwd`` on free loopback HTTP and gRPC ports, with
     ``SUITE_*`` settings from ``env_overrides`` on top of this process's environment."""
     port, grpc_port, probe_port = free_port(), free_port(), free_port()
+    if "BENTOML_HOME" not in env_overrides and os.environ.get("BENTOML_HOME"):
+        # A home of its own around the shared store: `bentoml serve` empties
+        # <BENTOML_HOME>/prometheus_multiproc_dir at start, which would freeze the /metrics of every
+        # other server started from the same home.
+        env_overrides = {**env_overrides, "BENTOML_HOME": str(own_home(Path(os.environ["BENTOML_HOME"]), log_path))}
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "SUITE_GRPC_PORT": str(grpc_port),
            "SUITE_HTTP_PORT": str(port), "SUITE_PROBE_PORT": str(probe_port), "SUITE_HOST": "127.0.0.1",
            **env_overrides}
@@ -84,6 +99,18 @@ def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: 
                           timeout=timeout, ready_path=ready_path)
     server.probe_port = probe_port
     return server
+
+
+def own_home(shared: Path, log_path: Path) -> Path:
+    """A BentoML home beside ``log_path`` whose model store is ``shared``'s (a link, so exports
+    into the shared store are seen) and whose metrics folder and control state are its own."""
+    home = log_path.parent / f"{log_path.stem}-home"
+    home.mkdir(parents=True, exist_ok=True)
+    store = home / "models"
+    if not store.exists():
+        (shared / "models").mkdir(parents=True, exist_ok=True)
+        store.symlink_to(shared / "models", target_is_directory=True)
+    return home
 
 
 @dataclass

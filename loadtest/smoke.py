@@ -153,7 +153,7 @@ class Smoke:
     @staticmethod
     def _oip_feeds(contracts: dict) -> dict[str, tuple[dict[str, np.ndarray], dict, Callable]]:
         """Per model: input tensors, parameters, and a check of the result (-> detail)."""
-        from services.imaging import decode_image, to_model_input
+        from common.imaging import decode_image, to_model_input
 
         png, label = digit_png()
         digit = to_model_input(decode_image(png, "image", 10**8), contracts["classify"].image)

@@ -136,8 +136,8 @@ def image_name(item: Item) -> str:
 async def run_items(model: str, route_path: str | None, items: list[Item], defaults: dict, output: Output,
                     part: Path, concurrency: int, counter: Any) -> None:
     """One process: loads the model as a server worker does, then answers ``items``."""
+    from common.files import atomic_write
     from services.config import ServingConfig
-    from services.control import write_atomically
     from services.dataplane import DataPlane
     from services.errors import ServingError
     from services.repository import ModelRepository, model_store
@@ -178,7 +178,7 @@ async def run_items(model: str, route_path: str | None, items: list[Item], defau
                 if isinstance(answer, ImageResult):
                     name = image_name(item)
                     output.images.mkdir(parents=True, exist_ok=True)
-                    write_atomically(output.images / name, answer.png)  # the line below names a whole file
+                    atomic_write(output.images / name, answer.png)  # the line below names a whole file
                     line.update(model=answer.model, image=f"{output.images.name}/{name}")
                     if answer.seed is not None:
                         line["seed"] = answer.seed
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import multiprocessing
 
-    from services.config import available_cores
+    from common.resources import available_cores
 
     output = Output(args.output)
     if args.output.exists():

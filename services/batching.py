@@ -85,7 +85,7 @@ class CpuMeter:
     def __init__(self, window_s: float = 0.05, cgroup_root: str = "/sys/fs/cgroup"):
         import os
 
-        from services.config import cgroup_cpu_quota
+        from common.resources import cgroup_cpu_quota
 
         self.window_s = window_s
         self._quota = cgroup_cpu_quota(cgroup_root)

@@ -26,7 +26,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import os
 import time
 from collections import deque
 
@@ -35,7 +34,7 @@ from services.errors import too_large, unavailable
 log = logging.getLogger("services.budget")
 MIB = 1024 * 1024
 # Bytes the image path holds per pixel of an upload at its peak, not counting the model's graph,
-# with headroom over what `python -m loadtest.decode_cost` measured here: an RGB PNG through the
+# with headroom over what `python -m services.bench_decode` measured here: an RGB PNG through the
 # native-size path (decoded pixels, float planes in and out, the PNG answer) 38.0, grey 12.0; a
 # model of fixed size (the picture shrunk right after decoding) 4.0 (RGB) and 8.0 (palette).
 DECODE_BYTES_PER_PIXEL = 48
@@ -150,15 +149,6 @@ def worker_budget(limit: int | None, fraction: float, workers: int, resident: in
         log.warning("memory: %d MiB limit x %.2f / %d workers leaves %d MiB for requests after the models (%d MiB); "
                     "large requests will be refused", limit // MIB, fraction, workers, share // MIB, resident // MIB)
     return max(share, 16 * MIB)
-
-
-def resident_bytes(pid: int | None = None) -> int:
-    """RSS of one process (from /proc; 0 where there is none)."""
-    try:
-        with open(f"/proc/{pid or os.getpid()}/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 @functools.cache

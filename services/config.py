@@ -8,47 +8,14 @@ variables (containers, Kubernetes), overridden in turn by ``bentoml serve --arg 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # a BentoML model name
-
-
-def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """Cores this process may use: its CPU set, further capped by a cgroup CPU quota. A Kubernetes
-    CPU limit is a quota, not a CPU set, so a pod limited to 2 CPUs on a 64-core node sees all 64
-    cores in its affinity; starting 64 workers there would thrash."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup_root)
-    if quota is not None:
-        cores = min(cores, quota)
-    return max(1, cores)
-
-
-def cgroup_cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
-    """The CPU quota in whole cores (rounded up), from cgroup v2 ``cpu.max`` or cgroup v1
-    ``cpu.cfs_quota_us``; None when there is none or it cannot be read."""
-    root = Path(cgroup_root)
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        if quota == "max":
-            return None
-        return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return max(1, math.ceil(quota_us / period_us)) if quota_us > 0 and period_us > 0 else None
-    except (OSError, ValueError):
-        return None
+from common.resources import available_cores, cgroup_memory_limit
+from contract import MODEL_NAME
 
 
 @dataclass(frozen=True)
@@ -63,7 +30,7 @@ class ServingConfig:
     #   mounted into the container at run time
     workers: int = 0  # HTTP/gRPC worker processes; 0 = one per available core
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = available cores / workers
-    inter_op_threads: int = 1
+    inter_op_threads: int = 1  # ONNX Runtime threads running independent graph nodes at once per session
     providers: tuple[str, ...] = ()  # ONNX Runtime providers in order; empty = CUDA when usable, else CPU
     batching: bool = True  # dynamic batching in process; false = every request runs alone
     max_batch_size: int = 64  # rows per session run; also capped by each contract's max_batch
@@ -81,7 +48,7 @@ class ServingConfig:
     host: str = "0.0.0.0"  # the address the gRPC and probe ports bind (give `bentoml serve --host` the same one;
     #   `make serve` does)
     grpc_host: str = ""  # empty = host
-    http_port: int = 3000
+    http_port: int = 3000  # native HTTP, OIP REST and OpenAI routes (`bentoml serve --port` overrides it)
     probe_port: int = 3001  # /livez, /readyz and /metrics answered by a thread of each worker, never behind requests
     #   (the port for Kubernetes probes; every worker binds it with SO_REUSEPORT); 0 = none
     access_log: bool = False  # one log line per request (BentoML's access log); off like most production servers
@@ -204,14 +171,14 @@ class ServingConfig:
         return config
 
     def validate(self) -> None:
-        malformed = [m for m in self.models if not MODEL_NAME.match(m)]
+        malformed = [m for m in self.models if not MODEL_NAME.fullmatch(m)]
         if malformed:
             raise ValueError(f"models: {malformed} are not model names (lower-case letters, digits, '.', '_', '-')")
         for entry in self.model_limits:
             # The limit name comes last, so a model name may itself hold dots (generate-shakespeare.v2).
             head, eq, raw = entry.partition("=")
             target, dot, name = head.rpartition(".")
-            if not dot or not eq or not MODEL_NAME.match(target) or name not in PER_MODEL_LIMITS:
+            if not dot or not eq or not MODEL_NAME.fullmatch(target) or name not in PER_MODEL_LIMITS:
                 raise ValueError(f"model_limits: {entry!r} is not <model>.<limit>=<value> with a model name "
                                  f"and a limit of {list(PER_MODEL_LIMITS)}")
             value = parse_value(name, PER_MODEL_LIMITS[name], raw)
@@ -219,7 +186,7 @@ class ServingConfig:
                 raise ValueError(f"model_limits: {entry!r} is out of range")
         for entry in (f"variant={self.variant}", *self.model_variants):
             target, eq, value = entry.partition("=")
-            if not eq or not MODEL_NAME.match(target) or value not in VARIANT_CHOICES:
+            if not eq or not MODEL_NAME.fullmatch(target) or value not in VARIANT_CHOICES:
                 raise ValueError(f"{entry!r}: a variant is one of {list(VARIANT_CHOICES)} (model_variants entries: "
                                  "<model>=<variant>)")
         if self.model_control not in MODEL_CONTROL_MODES:
@@ -287,18 +254,6 @@ def parse_bytes(name: str, raw: str) -> int | None:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
-def cgroup_memory_limit(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
-    """cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``; None when unlimited or unreadable."""
-    root = Path(cgroup_root)
-    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text == "max" or not text.isdigit() or int(text) >= 1 << 60:  # v1 says "unlimited" with a huge number
-            return None
-        return int(text)
-    return None
 PER_MODEL_LIMITS = {"max_queue": "int", "max_queue_wait_ms": "float", "max_batch_size": "int",
                     "text_max_live": "int", "text_max_waiting": "int"}
 

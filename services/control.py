@@ -19,36 +19,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from common.files import atomic_write
+from common.resources import process_alive
 from services.repository import ModelRepository, WantedState
 
 log = logging.getLogger("services.control")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a half-written one."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ControlFile:
@@ -93,12 +72,12 @@ class ControlFile:
             wanted.update(changes)
             generation += 1
             document = {"generation": generation, "models": {n: s.to_json() for n, s in wanted.items()}}
-            write_atomically(self.path, json.dumps(document).encode())
+            atomic_write(self.path, json.dumps(document).encode())
             return generation, previous
 
     def acknowledge(self, generation: int, errors: Mapping[str, str]) -> None:
         document = {"pid": os.getpid(), "generation": generation, "errors": dict(errors)}
-        write_atomically(self.folder / f"ack-{os.getpid()}.json", json.dumps(document).encode())
+        atomic_write(self.folder / f"ack-{os.getpid()}.json", json.dumps(document).encode())
 
     def acknowledgements(self, generation: int) -> dict[int, dict[str, str]]:
         """Live workers that have applied ``generation`` or later -> their errors."""

@@ -533,7 +533,7 @@ class DataPlane:
 
     def _on_cuda(self) -> bool:
         if self._cuda is None:
-            from services.runtime import choose_providers
+            from common.runtime import choose_providers
 
             self._cuda = choose_providers(self.repository.config.providers)[0] == "CUDAExecutionProvider"
         return self._cuda

@@ -18,13 +18,23 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
+from common.resources import available_cores
+from common.runtime import OnnxSession, read_contract
 from contract import ONNX_FILE, ModelContract
 from services.batching import DynamicBatcher
-from services.config import ServingConfig, available_cores
+from services.config import ServingConfig
 from services.errors import ServingError, not_found, unavailable
-from services.runtime import OnnxSession, read_contract
 
 log = logging.getLogger("services.repository")
+# A model folder beside BentoML's own store (``model_dir``) is read with BentoML's private store class,
+# ``bentoml._internal.models.model.ModelStore`` (BentoML has no public API for a second root). Checked
+# against this BentoML: the sha256 of ``inspect.getsource`` of the classes it runs; an upgrade fails
+# tests/test_private_patches.py until re-checked.
+BENTOML_STORE_WRITTEN_FOR = "1.4.39"
+BENTOML_STORE_SHA256 = {
+    "bentoml._internal.models.model.ModelStore": "3316fa757d0a76f31676e3e97b2d1ce8e8ea242cd2600456f2b5891f757ba39a",
+    "bentoml._internal.store.Store": "83f35d51766827fe4db8a2576697cc2cbd1e9c1c83925346403c3044a6c9f1fd",
+}
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,8 @@ class BentoModelStore:
         try:
             if self.folder is None:
                 return bentoml.models.list(name) if name else bentoml.models.list()
-            from bentoml._internal.models.model import ModelStore as BentoStore  # the same layout, another root
+            # private (see BENTOML_STORE_SHA256): the same layout as BentoML's store, another root
+            from bentoml._internal.models.model import ModelStore as BentoStore
 
             return BentoStore(str(self.folder)).list(name)
         except (NotFound, FileNotFoundError):
@@ -140,13 +151,10 @@ Runners = Callable[["StoredVersion", OnnxSession], tuple[DynamicBatcher, Any]]
 class ModelHandle:
     """One loaded, warmed-up version. ``infer`` takes validated, batch-major tensors."""
 
-    def __init__(self, stored: StoredVersion, contract: ModelContract, session: OnnxSession, runner: Any,
-                 engine: Any = None):
+    def __init__(self, stored: StoredVersion, contract: ModelContract, runner: Any, engine: Any = None):
         self.stored = stored
         self.name, self.version = stored.name, stored.version
-        self.metadata = stored.metadata
         self.contract = contract
-        self.session = session
         self.runner = runner  # tensors in, tensors out: the dynamic batcher
         self.engine = engine  # the task's own scheduler, if any (text: continuous batching of whole generations):
         #   admission_error(), idle(), close() like the runner
@@ -154,10 +162,6 @@ class ModelHandle:
     @property
     def tag(self) -> str:
         return self.stored.tag
-
-    @property
-    def folder(self) -> Path:
-        return self.stored.folder
 
     async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self.runner.submit(feeds)
@@ -323,9 +327,6 @@ class ModelRepository:
     def all_ready(self) -> bool:
         return not self.not_ready()
 
-    def wanted(self) -> dict[str, WantedState]:
-        return dict(self._wanted)
-
     def _target(self, name: str, version: str | None) -> StoredVersion:
         """``version``, or the newest in the store (not the serving one: what a load means)."""
         self._check_name(name)
@@ -343,7 +344,7 @@ class ModelRepository:
                               inter_op_threads=self.config.inter_op_threads, providers=self.config.providers)
         session.warm_up()
         runner, engine = self._runners(stored, session)
-        handle = ModelHandle(stored, session.contract, session, runner, engine)
+        handle = ModelHandle(stored, session.contract, runner, engine)
         self._contracts.pop(key, None)  # the handle holds it now
         self._loaded[key] = handle
         log.info("loaded %s (batches of up to %d rows)", stored.tag, handle.runner.max_batch_size)

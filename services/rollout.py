@@ -33,6 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from common.files import atomic_write
+from common.resources import process_alive
+from contract import MODEL_NAME
+
 log = logging.getLogger("services.rollout")
 
 ROLLOUT_HEADER = "x-suite-rollout"
@@ -102,11 +106,9 @@ class RolloutPlan:
         return plan
 
     def check(self) -> None:
-        from services.config import MODEL_NAME
-
-        if not isinstance(self.model, str) or not MODEL_NAME.match(self.model):
+        if not isinstance(self.model, str) or not MODEL_NAME.fullmatch(self.model):
             raise ValueError(f"model: {self.model!r} is not a model name")
-        if not isinstance(self.candidate, str) or not MODEL_NAME.match(self.candidate_name):
+        if not isinstance(self.candidate, str) or not MODEL_NAME.fullmatch(self.candidate_name):
             raise ValueError(f"candidate: {self.candidate!r} is not a model name or model:version")
         if self.candidate_name == self.model and not self.candidate_version:
             raise ValueError("candidate: the same model needs a version (model:version) to differ from the primary")
@@ -192,14 +194,12 @@ class Rollouts:
         before the first write) and returns the plans to write, or None to leave them."""
         import fcntl
 
-        from services.control import write_atomically
-
         with open(self.folder / "rollouts.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             plans = self._read()
             changed = change(plans)
             if changed is not None:
-                write_atomically(self._path, json.dumps({n: p.to_json() for n, p in changed.items()}).encode())
+                atomic_write(self._path, json.dumps({n: p.to_json() for n, p in changed.items()}).encode())
                 plans = changed
         return plans or {}
 
@@ -246,11 +246,9 @@ class Rollouts:
             self.plans = self._read() or {}
         if self._dirty:
             self._dirty = False
-            from services.control import write_atomically
-
             document = {"pid": os.getpid(), "worker": self.worker,
                         "tallies": {m: t.to_json() for m, t in list(self.tallies.items())}}
-            write_atomically(self.folder / f"tally-{self.worker}.json", json.dumps(document).encode())
+            atomic_write(self.folder / f"tally-{self.worker}.json", json.dumps(document).encode())
         return self.due()
 
     def due(self) -> list[RolloutPlan]:
@@ -361,8 +359,6 @@ class Rollouts:
             return {"comparisons": 0, "mean": None, "measure": None, "skipped": 0}
         tallies = []
         if self.folder is not None:
-            from services.control import process_alive
-
             for path in self.folder.glob("tally-*.json"):
                 try:
                     document = json.loads(path.read_bytes())

@@ -18,9 +18,10 @@ import os
 
 import bentoml
 
+from common.resources import resident_bytes
 from services.bentoml_fixes import cancel_request_timers
 from services import tracing
-from services.budget import MemoryBudget, resident_bytes, tune_allocator, worker_budget
+from services.budget import MemoryBudget, tune_allocator, worker_budget
 from services.config import ServingConfig
 from services.control import ControlFile, ModelControl
 from services.dataplane import DataPlane

@@ -215,7 +215,6 @@ class TextEngine:
         self.end_ids = frozenset(extra.get("eos_token_ids") or [self.tokenizer.token_to_id(extra["end_of_text"])])
         bos = extra.get("bos_token_id")
         self.start_token = bos if bos is not None else min(self.end_ids)
-        self.sampling_defaults = extra.get("sampling_defaults", {})
         self.vocab = contract.output("logits").shape[-1]
         self.guidance = ModelGuidance(tokenizer_json, self.vocab, sorted(self.end_ids))
         self.token_texts = TokenTexts(self.tokenizer)
@@ -375,10 +374,6 @@ class TextEngine:
     @property
     def live(self) -> int:
         return len(self._live)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops the loop; requests still waiting or decoding end with 503."""

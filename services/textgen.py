@@ -73,7 +73,6 @@ NUMBER_FIELDS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top
                  "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float, "logprobs": int}
 BOOL_FIELDS = ("ignore_eos",)
 GUIDE_FIELDS = ("json_schema", "json_object", "regex", "grammar", "choice")
-SAMPLING_FIELDS = (*NUMBER_FIELDS, *BOOL_FIELDS, "stop", *GUIDE_FIELDS)
 # What a model's generation_config.json may set as defaults (vLLM reads the same ones)
 DEFAULTABLE = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
 

@@ -20,6 +20,24 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Test kinds (pyproject's markers): `make test` runs them all, `make test-fast` the unit tests only.
+# A test's kind follows from what it needs, so no test file restates it: deploy for the modules that
+# check manifests, the bento and the images; server for whatever needs the trained models (they
+# are what a served suite is made from); unit for the rest. `slow` is set by hand, on top.
+DEPLOY_MODULES = {"test_deploy_manifests", "test_autoscaling", "test_bento", "test_image"}
+MODEL_FIXTURES = {"built_models", "second_models", "variant_models", "server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in DEPLOY_MODULES:
+            item.add_marker(pytest.mark.deploy)
+        elif MODEL_FIXTURES & set(item.fixturenames) or item.get_closest_marker("server"):
+            item.add_marker(pytest.mark.server)
+        elif not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.unit)
+
+
 @dataclass
 class Built:
     metrics: dict
@@ -96,6 +114,20 @@ def control(url: str, model: str, action: str, body: dict | None = None, timeout
 
     return requests.post(f"{url}/v2/repository/models/{model}/{action}", json=body or {}, headers=ADMIN,
                          timeout=timeout)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """GET <url>/metrics -> {'name{label="value",...}': value}, labels in the order served, so a
+    test asserts how much a series moved rather than only that it exists."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series = {}
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            series[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return series
 
 
 VARIANT = ("sample", "fp16")  # an export variant served beside its fp32 model; the server routes /sample to it

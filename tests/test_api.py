@@ -17,7 +17,7 @@ from PIL import Image
 
 from loadtest.payloads import digit_png, photo_png, png_bytes, scene_png
 from loadtest.servers import free_port
-from tests.conftest import RECURRENT, SECOND, VARIANT, REPO, build_bento
+from tests.conftest import RECURRENT, SECOND, VARIANT, REPO, build_bento, scrape
 
 
 def post_image(server, path: str, png: bytes, **fields) -> requests.Response:
@@ -342,14 +342,26 @@ def test_concurrent_requests_each_get_their_own_answer(server):
 
 
 def test_metrics_per_model(server):
-    requests.post(f"{server.url}/classify", data=digit_png()[0], headers={"Content-Type": "image/png"}, timeout=60)
-    requests.post(f"{server.url}/classify", data=b"junk", headers={"Content-Type": "image/png"}, timeout=60)
-    text = requests.get(f"{server.url}/metrics", timeout=30).text
-    for line in ('suite_requests_total{model="classify",protocol="native",status="200"}',
-                 'suite_requests_total{model="classify",protocol="native",status="400"}',
-                 'suite_batch_size_count{model="classify"}', 'suite_inference_seconds_count{model="classify"}',
-                 'suite_queue_depth{model="classify"}'):
-        assert line in text, line
+    """Each request moves its own model's series by exactly what it did: one answered, one refused."""
+    before = scrape(server.url)
+    assert requests.post(f"{server.url}/classify", data=digit_png()[0], headers={"Content-Type": "image/png"},
+                         timeout=60).status_code == 200
+    assert requests.post(f"{server.url}/classify", data=b"junk", headers={"Content-Type": "image/png"},
+                         timeout=60).status_code == 415  # not an image of an allowed format
+    after = scrape(server.url)
+
+    def moved(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    assert moved('suite_requests_total{model="classify",protocol="native",status="200"}') == 1
+    assert moved('suite_requests_total{model="classify",protocol="native",status="415"}') == 1
+    assert moved('suite_requests_total{model="segment",protocol="native",status="200"}') == 0
+    # The refused request never reached the model: one batch, one inference, holding one image.
+    assert moved('suite_batch_size_count{model="classify"}') == 1
+    assert moved('suite_batch_size_sum{model="classify"}') == 1
+    assert moved('suite_inference_seconds_count{model="classify"}') == 1
+    assert moved('suite_inference_seconds_sum{model="classify"}') > 0
+    assert after['suite_queue_depth{model="classify"}'] == 0
 
 
 @pytest.mark.parametrize("method, path, headers, body, status, field", [

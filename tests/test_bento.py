@@ -48,6 +48,11 @@ def test_bento_lists_serving_packages_only(bento):
         assert package in requirements, package
     for package in ("torch", "transformers", "scikit-learn", "scikit-image", "locust"):
         assert package not in requirements, package
+    source = folder / "src"  # the code: serving, the contract and what serving shares with the rest
+    for package in ("services", "contract", "common"):
+        assert (source / package / "__init__.py").is_file(), package
+    for package in ("training", "export", "loadtest", "tests"):
+        assert not (source / package).exists(), package
     import bentoml
 
     models = {m.tag.name for m in bentoml.get(tag).info.all_models}  # resolved from the store when served

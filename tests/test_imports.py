@@ -23,6 +23,9 @@ from PIL import Image
 
 from loadtest.servers import Server, start_suite
 
+# Users' models made and imported here, most served by a real `bentoml serve` of their own.
+pytestmark = pytest.mark.server
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 ADMIN = "import-tests-admin-key"

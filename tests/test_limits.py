@@ -10,9 +10,10 @@ import asyncio
 import numpy as np
 import pytest
 
+from common.resources import cgroup_memory_limit
 from contract import ImageSpec, ModelContract, TensorSpec
 from services.budget import MemoryBudget, model_cost, worker_budget
-from services.config import ServingConfig, cgroup_memory_limit, parse_bytes
+from services.config import ServingConfig, parse_bytes
 from services.errors import ServingError
 from services.frontends.asgi import parse_json
 from services.repository import without_paths
@@ -163,7 +164,7 @@ def test_tiled_denoising_matches_whole_image_on_a_packaged_photo(built_models):
     import bentoml
     from skimage import data
 
-    from services.runtime import OnnxSession
+    from common.runtime import OnnxSession
 
     session = OnnxSession(Path(bentoml.models.get("denoise").path) / "model.onnx")
 

@@ -113,7 +113,7 @@ def test_model_metadata_from_contract(http, grpc, repo):
 # ---- inference equals the native APIs ---------------------------------------------------------------
 
 def test_classify_batch_matches_native(server, http, grpc, repo):
-    from services.imaging import decode_image, to_model_input
+    from common.imaging import decode_image, to_model_input
 
     spec = repo.contract("classify").image
     pngs = [digit_png(i)[0] for i in (1700, 1710, 1720)]
@@ -132,7 +132,7 @@ def test_classify_batch_matches_native(server, http, grpc, repo):
 
 
 def test_segment_matches_native(server, http, grpc, repo):
-    from services.imaging import decode_image, to_model_input
+    from common.imaging import decode_image, to_model_input
 
     png, _ = scene_png()
     picture = decode_image(png, "image", 10 ** 8)
@@ -161,7 +161,7 @@ def test_denoise_matches_native(server, http, grpc):
 
 
 def test_sample_matches_native_with_seed(server, http, grpc, repo):
-    from services.imaging import grid
+    from common.imaging import grid
 
     n, seed = 5, 11
     c = repo.contract("sample")

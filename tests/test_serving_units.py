@@ -110,6 +110,7 @@ def test_classify_answers_top_k_from_the_handle_that_ran():
     (b"", 5, 400, "image"),
     (b"not an image", 5, 415, "image"),  # no allowed format's magic bytes
     (png(np.zeros((200, 200), np.uint8)), 5, 413, "image"),  # 40,000 pixels > max_pixels 10,000
+    (png(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8))[:60], 5, 400, "image"),  # truncated pixels
     (png(np.zeros((4, 4), np.uint8)), 0, 400, "top_k"),
     (png(np.zeros((4, 4), np.uint8)), 101, 400, "top_k"),
     (png(np.zeros((4, 4), np.uint8)), "3", 400, "top_k"),
@@ -287,6 +288,15 @@ def test_config_layers_env_then_arguments():
             ServingConfig.load(environ=environ, arguments={})
 
 
+@pytest.mark.parametrize("environ", [{}, {"SUITE_WORKERS": "3"}, {"SUITE_WORKERS": "0"}, {"SUITE_WORKERS": ""}])
+def test_the_load_tests_count_the_workers_as_the_server_does(environ):
+    """loadtest.servers.suite_worker_count restates ServingConfig.worker_count's rule (the load tests
+    import nothing from services): they must agree."""
+    from loadtest.servers import suite_worker_count
+
+    assert suite_worker_count(environ) == ServingConfig.load(environ=environ, arguments={}).worker_count
+
+
 
 def test_served_names_defaults_then_the_stores_other_models():
     from services.repository import served_names
@@ -326,7 +336,7 @@ def test_api_key_from_a_file(tmp_path):
     ({}, None),
 ])
 def test_cpu_quota_caps_the_cores(tmp_path, files, quota):
-    from services.config import available_cores, cgroup_cpu_quota
+    from common.resources import available_cores, cgroup_cpu_quota
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

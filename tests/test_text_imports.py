@@ -17,6 +17,9 @@ import pytest
 
 from tests.text_models import TEXT_MODELS
 
+# Users' language models made and imported here, served by a real `bentoml serve` of their own.
+pytestmark = pytest.mark.server
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # Eight prompts of different lengths (1 to ~30 tokens), multi-byte characters among them.
@@ -48,7 +51,7 @@ def stored_folder(imports: TextImports, name: str) -> Path:
 
 
 def engine(imports: TextImports, name: str, **limits):
-    from services.runtime import OnnxSession
+    from common.runtime import OnnxSession
     from services.textengine import EngineLimits, TextEngine
 
     folder = stored_folder(imports, name)
@@ -228,7 +231,7 @@ def test_int8_variant_is_gated_by_next_token_loss(text_imports, tmp_path):
 
 
 def test_contract_carries_what_serving_reads(text_imports):
-    from services.runtime import read_contract
+    from common.runtime import read_contract
 
     for name in TEXT_MODELS:
         contract = read_contract(stored_folder(text_imports, name) / "model.onnx")

@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 import tritonclient.grpc as tgrpc
-from tests.conftest import RECURRENT, SECOND
+from tests.conftest import RECURRENT, SECOND, scrape
 
 
 @pytest.fixture(scope="module")
@@ -167,14 +167,30 @@ def test_stream_disconnect_frees_the_row(server):
 
 
 def test_text_metrics(server):
-    requests.post(f"{server.url}/generate", json={"prompt": "The", "max_new_tokens": 5}, timeout=60)
-    text = requests.get(f"{server.url}/metrics", timeout=30).text
-    for name in ('suite_time_to_first_token_seconds_count{model="generate"}',
-                 'suite_time_per_output_token_seconds_count{model="generate"}',
-                 'suite_generated_tokens_total{model="generate"}', 'suite_text_batch_occupancy_count{model="generate"}',
-                 'suite_text_sequences{model="generate",state="waiting"}',
-                 'suite_requests_total{model="generate",protocol="openai",status="200"}'):
-        assert name in text, name
+    """One native and one OpenAI request, each with a known number of new tokens, move the text
+    series by exactly that (no other test's requests needed)."""
+    before = scrape(server.url)
+    native = requests.post(f"{server.url}/generate", json={"prompt": "The", "max_new_tokens": 5, "ignore_eos": True},
+                           timeout=60)
+    assert native.status_code == 200, native.text
+    openai_style = requests.post(f"{server.url}/v1/completions", json={"model": "generate", "prompt": "The",
+                                 "max_tokens": 3, "ignore_eos": True}, timeout=60)
+    assert openai_style.status_code == 200, openai_style.text
+    assert openai_style.json()["usage"]["completion_tokens"] == 3
+    after = scrape(server.url)
+
+    def moved(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    counted = {k: moved(k) for k in after if k.startswith("suite_requests_total") and moved(k)}
+    assert moved('suite_requests_total{model="generate",protocol="native",status="200"}') == 1, counted
+    assert moved('suite_requests_total{model="generate",protocol="openai",status="200"}') == 1, counted
+    assert moved('suite_generated_tokens_total{model="generate"}') == 5 + 3
+    assert moved('suite_time_to_first_token_seconds_count{model="generate"}') == 2
+    # One time-per-output-token observation per finished request (its mean after the first token).
+    assert moved('suite_time_per_output_token_seconds_count{model="generate"}') == 2
+    assert moved('suite_text_batch_occupancy_count{model="generate"}') >= 1
+    assert after['suite_text_sequences{model="generate",state="waiting"}'] == 0
 
 
 def test_suite_model_logprobs_echo_chat_and_embeddings(client):

@@ -37,7 +37,7 @@ class Recorder(EngineObserver):
 def model(request, built_models):
     import bentoml
 
-    from services.runtime import OnnxSession
+    from common.runtime import OnnxSession
 
     if request.param in RECURRENT:
         request.getfixturevalue("second_models")

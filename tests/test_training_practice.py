@@ -9,11 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from training.__main__ import model_name, run
-from training.artifacts import CHECKPOINT_FILE
+from training.__main__ import run
+from training.artifacts import CHECKPOINT_FILE, model_name
 from training.loop import STATE_FILE, TENSORBOARD_DIR, ResumeError
 from training.registry import FAMILIES
 from training.threads import ThreadGovernor, threads_for
+
+# Trains small models of every family's recipes (minutes in all), so not among the unit tests.
+pytestmark = pytest.mark.slow
 
 ONE_THREAD = {"threads": 1}  # the same float reduction order in both runs
 

@@ -27,7 +27,7 @@ def decisions(built_models):
 @pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("variant", ["int8", "fp16"])
 def test_variant_passes_its_gate_or_is_refused_with_a_reason(decisions, name, variant):
-    from services.runtime import OnnxSession
+    from common.runtime import OnnxSession
 
     decision = decisions[name, variant]
     family = FAMILIES[name]

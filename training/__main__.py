@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
-from training.artifacts import REPO_ROOT
+from training.artifacts import REPO_ROOT, model_name
 from training.config import TrainConfig, add_dataclass_arguments, build, overrides_from_args
 
 PROFILES = ("quick", "standard", "benchmark")
-MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # a BentoML model name, as services/config.py checks it
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # the benchmark data sets (never committed here)
-
-
-def model_name(family, profile: str, name: str | None = None) -> str:
-    """The store name of a family's model trained with ``profile``: benchmark models keep their own,
-    and ``--name`` gives any other (an AlexNet beside the default LeNet-5)."""
-    if name:
-        if not MODEL_NAME.fullmatch(name):
-            raise ValueError(f"--name {name!r}: lower-case letters, digits, ., _ and -, at most 63")
-        return name
-    return family.profiles.get(profile, {}).get("name", family.name)
 
 
 def families_with(family_arg: str, profile: str) -> list:
@@ -61,7 +49,7 @@ def resolve_data(family, profile: str, data: Path | None) -> Path | None:
 
 
 def run(family_name: str, profile: str = "standard", data: Path | None = None, train_overrides=None,
-        model_overrides=None, out_dir: Path | None = None, progress: bool = True, resume: bool = False,
+        model_overrides=None, out_dir: Path | None = None, progress=True, resume: bool = False,
         stop_after: int = 0, name: str | None = None) -> dict:
     from training.artifacts import family_dir
     from training.loop import train
@@ -102,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("family", choices=[*FAMILIES, "all"], help="which model family to train")
     parser.add_argument("--profile", choices=PROFILES, default="standard")
     parser.add_argument("--data", type=Path, default=None,
-                        help="train on this data instead of the bundled default (see README for layouts)")
+                        help="train on this data instead of the bundled default (layouts: docs/training.md, 'Each stage alone')")
     parser.add_argument("--out", type=Path, default=None, help="checkpoint folder (default artifacts/<model>)")
     parser.add_argument("--name", default=None,
                         help="the model's name (its artifacts/ folder and store name), to keep it beside the default "

@@ -1,4 +1,4 @@
-"""Where trained checkpoints live, and writing them so that a crash never leaves half a file."""
+"""Where trained checkpoints live and under which model name (writing them atomically: common/files.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import hashlib
 import os
 import subprocess
 from pathlib import Path
+
+from contract import MODEL_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -19,15 +21,14 @@ def family_dir(family: str) -> Path:
     return artifacts_root() / family
 
 
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(tmp_path)``, then renames into place: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def model_name(family, profile: str, name: str | None = None) -> str:
+    """The store name (and artifacts folder) of a family's model trained with ``profile``: benchmark
+    models keep their own, and ``--name`` gives any other (an AlexNet beside the default LeNet-5)."""
+    if name:
+        if not MODEL_NAME.fullmatch(name):
+            raise ValueError(f"--name {name!r}: lower-case letters, digits, ., _ and -, at most 63")
+        return name
+    return family.profiles.get(profile, {}).get("name", family.name)
 
 
 def fingerprint(*chunks: bytes) -> str:

@@ -11,11 +11,13 @@ import math
 import time
 from itertools import islice
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from training.artifacts import CHECKPOINT_FILE, atomic_write, family_dir
+from common.files import atomic_write
+from training.artifacts import CHECKPOINT_FILE, family_dir
 from training.family import Data, Family
 from training.threads import ThreadGovernor
 
@@ -67,11 +69,14 @@ def _write_samples(writer, family: Family, model, data: Data, step: int) -> None
 
 
 def train(family: Family, cfg, train_cfg, data: Data, profile: str, out_dir: Path | None = None,
-          progress: bool = True, resume: bool = False, stop_after: int = 0, name: str | None = None) -> dict:
+          progress: bool | Callable[..., tqdm] = True, resume: bool = False, stop_after: int = 0,
+          name: str | None = None) -> dict:
     """Trains ``family`` and writes ``checkpoint.pt`` (+ ``metrics.jsonl``, TensorBoard events and
     ``train_state.pt``); returns the checkpoint dict. ``resume`` continues from ``train_state.pt``
     exactly where the interrupted run left it (same batches, same random numbers); ``stop_after``
-    stops after that many steps of this run, leaving the state to resume from."""
+    stops after that many steps of this run, leaving the state to resume from. ``progress``: the
+    step bar on stderr, none, or ``progress(steps, **tqdm_options)`` -> the caller's bar (each
+    evaluation's line then goes to stdout, which ``python -m export`` sends to its log)."""
     name = name or family.name
     out_dir = out_dir or family_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +136,10 @@ def train(family: Family, cfg, train_cfg, data: Data, profile: str, out_dir: Pat
     last_steps = range(first_step, train_cfg.steps)
     if stop_after:
         last_steps = range(first_step, min(train_cfg.steps, first_step + stop_after))
-    bar = tqdm(last_steps, desc=f"train {name}", disable=not progress, unit="step", dynamic_ncols=True,
-               initial=first_step, total=train_cfg.steps)
+    bar_options = dict(desc=f"train {name}", unit="step", dynamic_ncols=True, initial=first_step, total=train_cfg.steps)
+    # progress: a bar on stderr (True), none (False), or a caller's bar factory (export/console.py's stages).
+    bar = progress(last_steps, **bar_options) if callable(progress) else tqdm(last_steps, disable=not progress,
+                                                                            **bar_options)
     finished = True
     step = first_step - 1
     for step in bar:

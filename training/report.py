@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.artifacts import CHECKPOINT_FILE, REPO_ROOT, artifacts_root
+from training.artifacts import CHECKPOINT_FILE, REPO_ROOT, artifacts_root, model_name
 
 DEFAULT_OUT = REPO_ROOT / "reports" / "training"
 
@@ -102,7 +102,6 @@ def _model_names(trained: dict[str, str], family, benchmark_name: str | None) ->
 
 
 def write_report(families: list[str] | None = None, out: Path = DEFAULT_OUT, artifacts: Path | None = None) -> Path:
-    from training.__main__ import model_name
     from training.loop import load_checkpoint
     from training.registry import FAMILIES, get
 

@@ -62,9 +62,7 @@ if [[ ${1:-suite} == loadtest ]]; then
   IMAGE=${IMAGE:-model-suite}-loadtest
   IMAGE_TAG=${IMAGE_TAG:-latest}
   context=$(mktemp -d)  # only what the image copies, not the checkout's venv and artifacts
-  mkdir -p "$context/training"
-  cp -r loadtest "$context/"
-  cp training/__init__.py training/scenes.py "$context/training/"
+  cp -r loadtest common "$context/"
   podman build --quiet "${build_options[@]/#/--}" -f deploy/image/loadtest.Containerfile \
     -t "$IMAGE:$IMAGE_TAG" "$context" >/dev/null
   rm -rf "$context"

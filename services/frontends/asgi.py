@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette._utils import get_route_path  # how Starlette itself strips a mount prefix
 from starlette.routing import Match, Route
 
 from services.config import ServingConfig
@@ -33,6 +32,20 @@ if TYPE_CHECKING:  # the data plane sits below the front-ends; imported for type
 
 log = logging.getLogger("services.frontends")
 JSON = b"application/json"
+
+
+def route_path(scope: dict) -> str:
+    """The request's path below the app's mount point: ``path`` less a ``root_path`` prefix that
+    ends at a path segment. Starlette's own rule (1.x ``get_route_path``, private to it), restated
+    here rather than imported: "/api/classify" under "/api" -> "/classify", "/api" -> "",
+    "/apiary" under "/api" or "/x" under "/api" -> unchanged."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root):] if path[len(root)] == "/" else path
 
 
 def parse_json(body: bytes | memoryview, field: str = "body") -> Any:
@@ -337,7 +350,7 @@ class ExactRoute(Route):
     (BentoML's mount and the router each ask every route on every request)."""
 
     def matches(self, scope) -> tuple[Match, dict]:
-        if scope["type"] == "http" and get_route_path(scope) == self.path:
+        if scope["type"] == "http" and route_path(scope) == self.path:
             return Match.FULL, {"endpoint": self.endpoint, "path_params": {}}
         return Match.NONE, {}
 
@@ -422,7 +435,7 @@ class HttpFrontend(Starlette):
     async def __call__(self, scope, receive, send) -> None:
         # Straight to the endpoint (or the router for paths with parameters): endpoints handle their
         # own errors, so Starlette's error and exception middleware layers would only add work.
-        endpoint = self._exact.get(get_route_path(scope)) if scope["type"] == "http" else None
+        endpoint = self._exact.get(route_path(scope)) if scope["type"] == "http" else None
         if endpoint is not None:
             await endpoint(scope, receive, send)
         else:

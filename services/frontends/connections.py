@@ -8,7 +8,9 @@ connections on port 3000 delayed the probes there by seconds.
 ``install_http_guard`` wraps methods of a dependency's classes,
 ``uvicorn.protocols.http.httptools_impl.HttpToolsProtocol`` and, when importable,
 ``uvicorn.protocols.http.h11_impl.H11Protocol`` (it calls the originals; no uvicorn code is copied).
-Written against uvicorn 0.55.0; tests/test_connection_guards.py fails when an upgrade breaks it,
+Written against uvicorn 0.55.0 (``WRITTEN_FOR``), whose classes it wraps and reads hash to
+``WRITTEN_FOR_SHA256``: tests/test_private_patches.py fails on any uvicorn that differs, until the
+guard is re-checked; tests/test_connection_guards.py fails when an upgrade breaks its behaviour;
 and the function returns False with a warning when the methods it wraps are gone.
 
 - ``connection_made``: a connection beyond ``max_connections`` open ones (uvicorn's server-wide
@@ -34,6 +36,18 @@ import logging
 log = logging.getLogger("services.frontends")
 
 WRITTEN_FOR = "0.55.0"
+# sha256 of ``inspect.getsource`` of each uvicorn class the guard wraps methods of or reads
+# attributes of (the protocol's server_state, connections, transport, cycle, conn; the cycle's
+# response_started, response_complete, disconnected, message_event), as uvicorn WRITTEN_FOR ships them.
+WRITTEN_FOR_SHA256 = {
+    "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol":
+        "ec7f438cf5cec43e89f2636c4521d2937acfcbd11db4cfdc627dad3b9962ff3f",
+    "uvicorn.protocols.http.httptools_impl.RequestResponseCycle":
+        "e67d470d435dcc1ce6de9773841524a4439a06afd3a7243e458dc7f7c952b310",
+    "uvicorn.protocols.http.h11_impl.H11Protocol": "57050e6aae208cc3a32f4be8568c095e1785091ffef683112c93cd6cd5c9ddf9",
+    "uvicorn.protocols.http.h11_impl.RequestResponseCycle":
+        "b9327fce724d5252bef98a45c951028934874da2fd45e4018760a52ce37490be",
+}
 _DEADLINE = "_services_deadline"  # the instance attribute: (what is awaited, loop time it is due by) or None
 _MARK = "_services_http_guard"  # set on each wrapper: makes a second install a no-op
 _limits = {"max_connections": 1024, "header_timeout_s": 10.0, "body_timeout_s": 30.0}

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 import numpy as np
 
+from common.runtime import OnnxSession
 from contract import DTYPES, ModelContract, TensorSpec
 from services.batching import DynamicBatcher
 from services.budget import MemoryBudget, model_cost
@@ -22,7 +23,6 @@ from services.config import ServingConfig
 from services.errors import bad_request, too_large
 from services.repository import ModelHandle, StoredVersion, model_batcher
 from services.rollout import psnr_db
-from services.runtime import OnnxSession
 
 Tensors = dict[str, np.ndarray]
 # Images up to this many pixels are decoded and encoded on the event loop: a thread hop costs more

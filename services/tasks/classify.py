@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from common.scores import probabilities
 from contract import ModelContract
 from services.budget import model_cost
 from services.repository import ModelHandle
@@ -54,9 +55,7 @@ class ImageClassification(TaskHandler):
             _, x = await image_input(opened, c)
             outputs = await handle.infer({c.inputs[0].name: x})
         scores = outputs[c.outputs[0].name][0]
-        # A graph that ends in logits (most imported ones) is given probabilities here; the
-        # contract says which (``extra["outputs_probabilities"]``, true for the suite's own).
-        probs = scores if c.extra.get("outputs_probabilities", True) else softmax(scores)
+        probs = probabilities(scores, c)  # a graph that ends in logits (most imported ones) gets a softmax
         order = np.argsort(-probs, kind="stable")[: min(top_k, probs.size)]
         body = {"model": handle.tag,
                 "predictions": [{"label": c.labels[i] if i < len(c.labels) else str(i), "class_id": int(i),
@@ -65,12 +64,6 @@ class ImageClassification(TaskHandler):
             if name in outputs:
                 body[name] = float(outputs[name][0])
         return body
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max()
-    exp = np.exp(shifted)
-    return (exp / exp.sum()).astype(np.float32)
 
 
 TASK = ImageClassification

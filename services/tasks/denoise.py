@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common.imaging import encode_png
 from contract import ModelContract
 from services.budget import model_cost
 from services.errors import bad_request
-from services.imaging import encode_png, load_image
 from services.repository import ModelHandle
 from services.tasks.base import ImageResult, image_psnr, NativeRoute, TaskHandler, Tensors, check_image_tensor, cpu_work, png_answer
-from services.tasks.images import GRAY_MODES, decode_cost, open_upload
+from services.tasks.images import GRAY_MODES, decode, decode_cost, open_upload
 
 
 def _fields(contract: ModelContract | None) -> dict[str, dict]:
@@ -69,7 +69,7 @@ class Denoising(TaskHandler):
         rows_per_run = min(rows_per_run, channels * len(grid_.tiles))
         cost = decode_cost(opened, c) + rows_per_run * row_cost
         async with self.budget.reserve(cost, f"a {opened.width}x{opened.height} image"):
-            picture = await cpu_work(pixels, load_image, opened, "image")
+            picture = await decode(opened)
             planes, rgb = await cpu_work(pixels, _planes, picture)
             del picture
             out = await self._run_tiled(handle, planes, level, grid_, rows_per_run)

@@ -10,13 +10,13 @@ from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 
+from common.runtime import OnnxSession
 from contract import DTYPES, ModelContract
 from services import chat
 from services.batching import DynamicBatcher
 from services.config import ServingConfig
 from services.errors import bad_request
 from services.repository import ModelHandle, StoredVersion
-from services.runtime import OnnxSession
 from services.tasks.base import BYTES_DTYPE, EventStream, NativeRoute, TaskHandler, TensorResult, Tensors, json_answer
 from services.textengine import EngineLimits, Sequence, TextEngine
 from services.textgen import MAX_LOGPROBS, Chunk, Completion, SamplingParams, TokenLogprob, parse_sampling

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from common.imaging import encode_png, resized_size
 from contract import ModelContract
 from services.budget import model_cost
-from services.imaging import encode_png, resized_size
 from services.repository import ModelHandle
 from services.tasks.base import ImageResult, image_psnr, NativeRoute, TaskHandler, Tensors, check_image_inputs, cpu_work, png_answer
 from services.tasks.images import decode_cost, image_input, open_upload

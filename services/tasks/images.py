@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from common.imaging import ImageRejected, load_image, open_image, to_model_input
 from contract import ModelContract
 from services.budget import DECODE_BYTES_PER_PIXEL, DECODE_BYTES_PER_PIXEL_SHRUNK
-from services.imaging import load_image, open_image, to_model_input
+from services.errors import ServingError
 from services.tasks.base import cpu_work
 
 GRAY_MODES = ("L", "I", "I;16", "F", "1")  # one plane; any other mode as three (RGB)
@@ -24,9 +25,25 @@ def fixed_size(contract: ModelContract) -> tuple[int, int] | None:
     return spec.width, spec.height
 
 
+def refused(exc: ImageRejected) -> ServingError:
+    """common.imaging's refusal of an upload as the serving core's error: same field, message, status."""
+    return ServingError(exc.field, exc.message, exc.status)
+
+
 def open_upload(data: bytes, contract: ModelContract, field: str = "image") -> Image.Image:
     """The upload's header only: the contract's pixel and side limits checked before decoding."""
-    return open_image(data, field, contract.limits["max_pixels"], contract.limits.get("min_side", 1))
+    try:
+        return open_image(data, field, contract.limits["max_pixels"], contract.limits.get("min_side", 1))
+    except ImageRejected as exc:
+        raise refused(exc) from None
+
+
+async def decode(image: Image.Image, field: str = "image", target: tuple[int, int] | None = None) -> Image.Image:
+    """An opened upload's pixels (``load_image``, off the event loop), shrunk towards ``target``."""
+    try:
+        return await cpu_work(image.width * image.height, load_image, image, field, target)
+    except ImageRejected as exc:
+        raise refused(exc) from exc
 
 
 def decode_cost(image: Image.Image, contract: ModelContract) -> int:
@@ -40,6 +57,5 @@ def decode_cost(image: Image.Image, contract: ModelContract) -> int:
 
 async def image_input(image: Image.Image, contract: ModelContract, field: str = "image") -> tuple[Image.Image, np.ndarray]:
     """Opened upload -> (picture, the model's input as the contract describes)."""
-    pixels = image.width * image.height
-    picture = await cpu_work(pixels, load_image, image, field, fixed_size(contract))
-    return picture, await cpu_work(pixels, to_model_input, picture, contract.image)
+    picture = await decode(image, field, fixed_size(contract))
+    return picture, await cpu_work(image.width * image.height, to_model_input, picture, contract.image)

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from common.imaging import encode_png, grid
 from contract import ModelContract
 from services.budget import model_cost
-from services.imaging import encode_png, grid
 from services.repository import ModelHandle
 from services.tasks.base import ImageResult, image_psnr, NativeRoute, TaskHandler, Tensors, check_int, png_answer
 from services.errors import bad_request

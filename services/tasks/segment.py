@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common.imaging import encode_png
 from contract import ModelContract
 from services.budget import model_cost
-from services.imaging import encode_png
 from services.repository import ModelHandle
 from services.rollout import mean_iou
 from services.tasks.base import ImageResult, NativeRoute, TaskHandler, Tensors, check_image_inputs, cpu_work, png_answer

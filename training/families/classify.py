@@ -189,10 +189,10 @@ def ood_images(cfg: ClassifyConfig, seed: int) -> dict[str, torch.Tensor]:
     photographs, generated scenes of shapes, and typed digits (a TrueType font, both polarities)."""
     from PIL import Image, ImageDraw, ImageFont
 
+    from common.imaging import to_model_input
+    from common.scenes import generate_scenes
     from contract import ImageSpec
-    from services.imaging import to_model_input
     from training.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, _skimage_photo
-    from training.scenes import generate_scenes
 
     spec = ImageSpec(height=cfg.image_size, width=cfg.image_size, channels=1, mean=cfg.mean, std=cfg.std)
     rng = np.random.default_rng(seed)

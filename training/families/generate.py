@@ -56,12 +56,12 @@ def train_tokenizer(text: str, vocab_size: int):
     return tok
 
 
-def gpt2_config(cfg: GenerateConfig):
+def gpt2_config(cfg: GenerateConfig, **options):
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                       n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                      bos_token_id=0, eos_token_id=0)
+                      bos_token_id=0, eos_token_id=0, **options)
 
 
 class GPT(nn.Module):
@@ -72,9 +72,7 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel
 
         self.cfg = cfg
-        hf_cfg = gpt2_config(cfg)
-        hf_cfg._attn_implementation = "sdpa"
-        self.lm = GPT2LMHeadModel(hf_cfg)
+        self.lm = GPT2LMHeadModel(gpt2_config(cfg, attn_implementation="sdpa"))  # PyTorch's fused attention
 
     def forward(self, input_ids):  # (B, T) -> (B, T, V)
         return self.lm(input_ids=input_ids).logits
@@ -228,7 +226,7 @@ class GenerateFamily(Family):
                 sample_text(model, tokenizer, prompt[0, :16], 200)}
 
     def save_extra(self, model: GPT, data: Data, out_dir: Path) -> None:
-        from training.artifacts import atomic_write
+        from common.files import atomic_write
 
         atomic_write(out_dir / TOKENIZER_FILE, lambda p: data.extra["tokenizer"].save(str(p)))
         if isinstance(model, GPT):

@@ -17,12 +17,12 @@ from PIL import Image
 from torch import nn
 from torch.export import Dim
 
+from common.scenes import SCENE_CLASSES, generate_scenes
 from training.config import derived
 from contract import ImageSpec, ModelContract, TensorSpec
 from training.artifacts import fingerprint
 from training.data import CAMVID_CLASSES, CAMVID_UNLABELLED, endless_batches, load_camvid
 from training.family import Data, ExportSpec, Family
-from training.scenes import SCENE_CLASSES, generate_scenes
 
 PET_CLASSES = ["background", "pet", "border"]
 IGNORE_INDEX = 255  # label of pixels that count for nothing (CamVid's "Unlabelled")

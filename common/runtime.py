@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from contract import CONTRACT_KEY, ModelContract, TensorSpec
 
-log = logging.getLogger("services.runtime")
+log = logging.getLogger("common.runtime")
 
 
 def read_contract(onnx_path: Path) -> ModelContract:

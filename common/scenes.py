@@ -1,5 +1,7 @@
 """Seeded generator of synthetic segmentation scenes: circles, rectangles and triangles on textured
-backgrounds, with exact per-pixel masks. The same seed always draws the same scenes."""
+backgrounds, with exact per-pixel masks. The same seed always draws the same scenes. The segment
+family trains on them and the load tests send them; numpy only, so the load generator's image
+ships this module without the training stack."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Image decoding and encoding for the image tasks: uploads are decoded here so bad bytes are a 400
-naming the field, and the pixel limit is checked from the header before any pixel is decoded.
+"""Image decoding and encoding for the image tasks: uploads are decoded here so bad bytes are a
+refusal naming the field (``ImageRejected``, which serving answers with its status), and the pixel
+limit is checked from the header before any pixel is decoded. Serving, the int8 calibration of an
+import, training's out-of-distribution checks and the benchmark's reference server all preprocess
+with ``to_model_input``, so none can drift from the contract.
 
 Only the formats in ``IMAGE_FORMATS`` are opened (415 otherwise): each one Pillow would otherwise
 try (TIFF, PSD, ICNS, ...) is more decoder code an upload can reach. Pillow's own decompression-bomb
@@ -13,10 +16,20 @@ import numpy as np
 from PIL import Image
 
 from contract import ImageSpec
-from services.errors import bad_request, too_large, unsupported_media
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"RIFF": "WEBP", b"BM": "BMP"}
+
+
+class ImageRejected(ValueError):
+    """An upload this module will not decode, naming the field to blame; ``status`` is the HTTP
+    status a server answers it with: 400 not decodable, 413 too many pixels, 415 not an allowed format."""
+
+    def __init__(self, field: str, message: str, status: int = 400):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
 
 
 def image_format(data: bytes) -> str | None:
@@ -30,20 +43,21 @@ def image_format(data: bytes) -> str | None:
 def open_image(data: bytes, field: str, max_pixels: int, min_side: int = 1) -> Image.Image:
     """Reads the header only and checks the size limits, so an oversized upload costs no decoding."""
     if not data:
-        raise bad_request(field, "empty upload; send a PNG or JPEG file")
+        raise ImageRejected(field, "empty upload; send a PNG or JPEG file")
     if image_format(data) is None:
-        raise unsupported_media(field, f"not an image format this server decodes; send one of {list(IMAGE_FORMATS)}")
+        raise ImageRejected(field, f"not an image format this server decodes; send one of {list(IMAGE_FORMATS)}", 415)
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = image.size
     except Image.DecompressionBombError as exc:
-        raise too_large(field, f"image declares too many pixels for a safe decode ({exc})") from None
+        raise ImageRejected(field, f"image declares too many pixels for a safe decode ({exc})", 413) from None
     except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types; the upload is to blame
-        raise bad_request(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
+        raise ImageRejected(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
     if width * height > max_pixels:
-        raise too_large(field, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        raise ImageRejected(field, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+                            413)
     if min(width, height) < min_side:
-        raise bad_request(field, f"image is {width}x{height}; both sides must be at least {min_side} pixels")
+        raise ImageRejected(field, f"image is {width}x{height}; both sides must be at least {min_side} pixels")
     return image
 
 
@@ -59,7 +73,7 @@ def load_image(image: Image.Image, field: str, target: tuple[int, int] | None = 
             image.draft(image.mode, (target[0] * 2, target[1] * 2))
         image.load()
     except Exception as exc:  # noqa: BLE001
-        raise bad_request(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
+        raise ImageRejected(field, f"not a decodable image ({type(exc).__name__}); send a PNG or JPEG file") from exc
     if target is not None:
         factor = min(image.width // (2 * target[0]), image.height // (2 * target[1]))
         if factor >= 2:

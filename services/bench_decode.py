@@ -3,11 +3,12 @@ the figures behind ``services/budget.py``'s DECODE_BYTES_PER_PIXEL (models that 
 size: decode, float planes in and out, PNG encode) and DECODE_BYTES_PER_PIXEL_SHRUNK (models of a
 fixed input size: the picture is shrunk right after decoding).
 
-    python -m loadtest.decode_cost
+    python -m services.bench_decode
 
 Each case runs in this process, with the allocator tuned as a serving worker tunes it, freed memory
 given back and the kernel's high-water mark reset first (``/proc/self/clear_refs``), and prints
-bytes per pixel above the resting RSS."""
+bytes per pixel above the resting RSS. A benchmark of serving's own decode path, so it lives
+beside it (as training/bench_threads.py beside training)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,11 @@ def photo_png(width: int, height: int, mode: str = "RGB") -> bytes:
 
 
 def main() -> None:
-    from export.memory import peak_above_rest
-    from services.budget import give_back_memory, tune_allocator
-    from services.imaging import load_image, open_image, to_model_input
-    from services.tasks.denoise import _denoised_png, _planes
-
+    from common.imaging import load_image, open_image, to_model_input
+    from common.resources import peak_above_rest
     from contract import ImageSpec
+    from services.budget import give_back_memory, tune_allocator
+    from services.tasks.denoise import _denoised_png, _planes
 
     def native(data: bytes) -> None:  # /denoise: planes in, the same planes out, the PNG answer
         picture = load_image(open_image(data, "image", 10 ** 8), "image")

@@ -25,6 +25,12 @@ def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
     return max(1, cores)
 
 
+def worker_count(configured: int) -> int:
+    """Worker processes a server starts: ``configured``, or one per available core when it is 0.
+    The server's configuration and the load tests that size their runs both ask this."""
+    return configured or available_cores()
+
+
 def cgroup_cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
     """The CPU quota in whole cores (rounded up), from cgroup v2 ``cpu.max`` or cgroup v1
     ``cpu.cfs_quota_us``; None when there is none or it cannot be read."""

@@ -199,7 +199,6 @@ def served_document(url: str | None) -> dict:
         return requests.get(f"{url.rstrip('/')}/docs.json", timeout=30).json()
     import tempfile
 
-    sys.path.insert(0, str(REPO))
     from loadtest.servers import start_suite
 
     with tempfile.TemporaryDirectory() as folder:

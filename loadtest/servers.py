@@ -73,12 +73,12 @@ def start_server(command: list[str], *, port: int, env: dict, cwd: Path, log_pat
 
 
 def suite_worker_count(environ: Mapping[str, str]) -> int:
-    """How many worker processes ``bentoml serve`` of the suite starts under ``environ``:
-    ``SUITE_WORKERS``, else one per available core (``ServingConfig.worker_count``'s rule, which
-    tests/test_serving_units.py holds this to; the load tests import nothing from services)."""
-    from common.resources import available_cores
+    """How many worker processes ``bentoml serve`` of the suite starts under ``environ``
+    (``SUITE_WORKERS`` through the rule ``ServingConfig.worker_count`` uses; the load tests import
+    nothing from services)."""
+    from common.resources import worker_count
 
-    return int(environ.get("SUITE_WORKERS") or 0) or available_cores()
+    return worker_count(int(environ.get("SUITE_WORKERS") or 0))
 
 
 def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: float = 240,

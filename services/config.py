@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.resources import available_cores, cgroup_memory_limit
+from common.resources import available_cores, cgroup_memory_limit, worker_count
 from contract import MODEL_NAME
 
 
@@ -133,7 +133,7 @@ class ServingConfig:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or available_cores()
+        return worker_count(self.workers)
 
     @property
     def session_threads(self) -> int:

@@ -98,7 +98,40 @@ def start_suite(env_overrides: dict, log_path: Path, cwd: Path = REPO, timeout: 
     server = start_server(command, port=port, grpc_port=grpc_port, env=env, cwd=cwd, log_path=log_path,
                           timeout=timeout, ready_path=ready_path)
     server.probe_port = probe_port
+    if ready_path == "/readyz":  # the caller waits for readiness, so for every worker's
+        try:
+            wait_every_worker_ready(server, suite_worker_count(env), timeout=timeout)
+        except BaseException:
+            server.stop()
+            raise
     return server
+
+
+def wait_every_worker_ready(server: Server, workers: int, timeout: float = 120) -> None:
+    """Returns once the probe port has answered ready ``8 × workers`` times in a row.
+
+    The main port's /readyz answers from whichever worker has started accepting, while the probe
+    port is bound by every worker with SO_REUSEPORT, so right after the first 200 a probe can still
+    reach a worker that is loading its models ("starting"). Each probe is a fresh connection, which
+    the kernel hashes onto a worker afresh; a worker still starting is missed by all of them with
+    probability (1 - 1/workers)^(8 × workers) < e^-8."""
+    import requests
+
+    needed, in_a_row = 8 * max(1, workers), 0
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{server.probe_port}/readyz"
+    while in_a_row < needed:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every worker ready in {timeout}s:\n{server.log()[-4000:]}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the suite exited with {server.process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            ready = requests.get(url, timeout=2, headers={"Connection": "close"}).status_code == 200
+        except requests.RequestException:
+            ready = False
+        in_a_row = in_a_row + 1 if ready else 0
+        if not ready:
+            time.sleep(0.2)
 
 
 def own_home(shared: Path, log_path: Path) -> Path:

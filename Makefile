@@ -11,11 +11,15 @@ export BENTOML_DO_NOT_TRACK := true
 
 .PHONY: serve models benchmark-models report test test-fast build image image-loadtest loadtest bench bench-text fuzz overload attack soak clean
 
+# pip's output (and its warnings: a registry mirror's ignored locations printed ~200 lines on a
+# fresh machine) goes to a log; its tail is shown only when the install fails.
+INSTALL_LOG := artifacts/logs/install.log
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $@
+	@mkdir -p $(dir $(INSTALL_LOG))
+	@echo "Installing the suite's dependencies into $(VENV) (a few minutes the first time; log: $(INSTALL_LOG))"
+	@{ $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --upgrade pip && $(BIN)/pip install -e '.[test]'; } \
+		>$(INSTALL_LOG) 2>&1 || { tail -n 40 $(INSTALL_LOG); echo "install failed: see $(INSTALL_LOG)"; exit 1; }
+	@touch $@
 
 # Train -> export -> store whatever model is missing from the store (progress bars on stderr).
 models: $(BIN)/.installed
@@ -68,8 +72,8 @@ loadtest: $(BIN)/.installed
 # The serving benchmark: the suite against a hand-written FastAPI server (needs wrk and h2load:
 # apt-get install wrk nghttp2-client). Prints a table; took 8-11 minutes here.
 $(BIN)/.bench-installed: $(BIN)/.installed
-	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $@
+	@$(BIN)/pip install -e '.[test,bench]' >>$(INSTALL_LOG) 2>&1 || { tail -n 40 $(INSTALL_LOG); exit 1; }
+	@touch $@
 
 # CLASSIFIER: any stored image classifier (an imported one too) for the reference and classify rows.
 CLASSIFIER ?= classify

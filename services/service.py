@@ -40,6 +40,8 @@ from services.rollout import RolloutPlan, Rollouts
 from services.tasks import default_models, runners_for, task_classes
 
 log = logging.getLogger("services")
+# One start-up line per worker, shown at INFO while the rest of "services" stays at the root's WARNING.
+startup_log = logging.getLogger("services.startup")
 CONFIG = ServingConfig.load()
 
 http_app = HttpFrontend(CONFIG)
@@ -89,6 +91,11 @@ class Suite:
         if CONFIG.extra:
             log.warning("ignoring unknown --arg keys %s", sorted(CONFIG.extra))
         cancel_request_timers()  # before the first request; see services/bentoml_fixes.py
+        # BentoML logs three lines per worker as it starts (and five as it stops): 49 start-up lines
+        # on a 16-core machine, past the first run's 60. Its warnings and errors still show; ours
+        # is one line per worker, in start_listeners.
+        logging.getLogger("bentoml.serve").setLevel(logging.WARNING)
+        startup_log.setLevel(logging.INFO)
         if CONFIG.tracing:
             tracing.configure()  # this worker's tracer provider and exporter, from OTEL_* (services/tracing.py)
         # uvicorn reads its protocol class when a connection arrives, after this start-up hook.
@@ -103,7 +110,8 @@ class Suite:
             os.environ["UV_TCP_SINGLE_ACCEPT"] = "1"
         store = model_store(CONFIG)
         tasks, defaults = tuple(task_classes()), default_models() if CONFIG.default_models else ()
-        self.metrics = ServingMetrics(served_names(CONFIG, store, defaults, tasks))
+        self.served = served_names(CONFIG, store, defaults, tasks)
+        self.metrics = ServingMetrics(self.served)
         self.repository = ModelRepository(CONFIG, store, observer_for=self.metrics.observer,
                                           runners=runners_for(CONFIG, self.metrics.observer),
                                           defaults=defaults, tasks=tasks)
@@ -144,6 +152,10 @@ class Suite:
             self.probes.start()
         self._control_task = asyncio.get_running_loop().create_task(self.control.run())
         self._rollouts_task = asyncio.get_running_loop().create_task(self.plane.rollouts.run())
+        ports = [f"{name} :{port}" for name, port in (("gRPC", CONFIG.grpc_port), ("probes", CONFIG.probe_port)) if port]
+        # The test and benchmark servers wait for this line from every worker (loadtest/servers.py).
+        startup_log.info("worker %s listening (%s); models: %s", bentoml.server_context.worker_index,
+                         ", ".join(ports) or "HTTP only", ", ".join(self.served) or "none")
 
     async def __is_ready__(self) -> bool:
         """BentoML's /readyz: every model loaded and the gRPC port bound in this worker."""

@@ -304,6 +304,20 @@ def wait_for(predicate, timeout: float = 30.0):
     raise AssertionError("timed out")
 
 
+def test_start_up_logs_one_line_per_worker_naming_what_it_serves(rollout_server):
+    """BentoML's own three start-up lines per worker are off (49 on 16 cores); the suite's one line
+    per worker is what loadtest/bench_serving.py counts."""
+    lines = rollout_server.log().splitlines()
+    listening = sorted(found.group(1) for found in map(re.compile(r"\] (worker \d+ listening.*)$").search, lines)
+                       if found)
+    assert len(listening) == 2, lines
+    for index, line in enumerate(listening, start=1):
+        assert line.startswith(f"worker {index} listening (gRPC :{rollout_server.grpc_port}, "
+                               f"probes :{rollout_server.probe_port}); models: "), line
+        assert line.endswith(ROLLOUT_MODELS.replace(",", ", ")), line
+    assert not [line for line in lines if "startup hook" in line or "Service model-suite initialized" in line]
+
+
 def test_a_worse_candidate_is_refused_automatically_with_its_figures(rollout_server):
     url = rollout_server.url
     for seed in range(16):

@@ -30,7 +30,7 @@ models: $(BIN)/.installed
 # (generate-shakespeare, denoise-bsd, segment-camvid; sample-digits on the packaged digits);
 # `make serve` then serves them beside the defaults. Each profile is sized to finish within 60
 # minutes on 2 cores; docs/benchmarks.md has each one's measured time, and the whole target's:
-# 1 h 24 min from a fresh clone.
+# 1 h 24 min from a fresh clone, before the Train400 profile grew from 12 to 40 minutes.
 BENCHMARK_DATA ?= $(CURDIR)/../shared/data
 benchmark-models: $(BIN)/.installed
 	$(BIN)/python -m export all --build-missing --profile benchmark --data $(BENCHMARK_DATA)

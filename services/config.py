@@ -52,6 +52,8 @@ class ServingConfig:
     probe_port: int = 3001  # /livez, /readyz and /metrics answered by a thread of each worker, never behind requests
     #   (the port for Kubernetes probes; every worker binds it with SO_REUSEPORT); 0 = none
     access_log: bool = False  # one log line per request (BentoML's access log); off like most production servers
+    log_level: str = "warning"  # the suite's own log (model loads, rollouts, listeners): debug, info, warning or
+    #   error; warning keeps the start-up quiet (one line per worker is always shown). BentoML's are its own
     tracing: bool = False  # OpenTelemetry spans (request, queue, batch, session run; services/tracing.py), exported
     #   as the OTEL_* environment says (OTLP over HTTP to OTEL_EXPORTER_OTLP_ENDPOINT by default)
     bentoml_metrics: bool = False  # BentoML's per-path HTTP metrics too (the suite's per-model ones are always on)
@@ -189,6 +191,8 @@ class ServingConfig:
             if not eq or not MODEL_NAME.fullmatch(target) or value not in VARIANT_CHOICES:
                 raise ValueError(f"{entry!r}: a variant is one of {list(VARIANT_CHOICES)} (model_variants entries: "
                                  "<model>=<variant>)")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level: {self.log_level!r} is not one of {list(LOG_LEVELS)}")
         if self.model_control not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control: {self.model_control!r} is not one of {list(MODEL_CONTROL_MODES)}")
         if self.model_control == "explicit" and not self.admin_key:
@@ -240,6 +244,7 @@ class ServingConfig:
 
 VARIANT_CHOICES = ("auto", "fp32", "int8", "fp16")
 MODEL_CONTROL_MODES = ("none", "explicit")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _UNITS = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3}
 
 

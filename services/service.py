@@ -95,6 +95,7 @@ class Suite:
         # on a 16-core machine, past the first run's 60. Its warnings and errors still show; ours
         # is one line per worker, in start_listeners.
         logging.getLogger("bentoml.serve").setLevel(logging.WARNING)
+        log.setLevel(CONFIG.log_level.upper())  # the root's WARNING unless log_level says otherwise
         startup_log.setLevel(logging.INFO)
         if CONFIG.tracing:
             tracing.configure()  # this worker's tracer provider and exporter, from OTEL_* (services/tracing.py)

@@ -23,7 +23,7 @@ KEY = "test-key-7f3a"
 @pytest.fixture(scope="module")
 def keyed(built_models):
     settings = {"SUITE_INTRA_OP_THREADS": "1", "SUITE_WORKERS": "1", "SUITE_MODELS": "classify,generate",
-                "SUITE_API_KEY": KEY, "SUITE_CORS_ORIGINS": "https://app.example.com"}
+                "SUITE_API_KEY": KEY, "SUITE_CORS_ORIGINS": "https://app.example.com", "SUITE_LOG_LEVEL": "info"}
     server = start_suite(settings, Path(tempfile.mkdtemp(prefix="keyed-")) / "serve.log", timeout=180)
     try:
         yield server
@@ -131,3 +131,12 @@ def test_cors_for_configured_origins_only(keyed, server):
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
     plain = requests.get(f"{server.url}/models", timeout=30, headers={"Origin": origin})
     assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+def test_log_level_info_shows_the_suites_own_log(keyed):
+    """SUITE_LOG_LEVEL=info lifts the suite's INFO lines (hidden by default below BentoML's WARNING
+    root): each model's load names the stored version."""
+    log = keyed.log()
+    for model in ("classify", "generate"):
+        assert f"loaded {model}:" in log, log[-3000:]
+

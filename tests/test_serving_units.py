@@ -283,7 +283,8 @@ def test_config_layers_env_then_arguments():
     assert config.extra == {"nonsense": "1"}
     assert ServingConfig.load(environ={}, arguments={}).worker_count >= 1
     for environ in ({"SUITE_WORKERS": "two"}, {"SUITE_BATCHING": "maybe"}, {"SUITE_MAX_BATCH_SIZE": "0"},
-                    {"SUITE_MODELS": "classify,Not A Name"}, {"SUITE_MODEL_LIMITS": "denoise.nope=3"}):
+                    {"SUITE_MODELS": "classify,Not A Name"}, {"SUITE_MODEL_LIMITS": "denoise.nope=3"},
+                    {"SUITE_LOG_LEVEL": "verbose"}):
         with pytest.raises(ValueError):
             ServingConfig.load(environ=environ, arguments={})
 

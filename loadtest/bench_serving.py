@@ -44,8 +44,7 @@ def start_labelled_suite(env_overrides: dict, workdir: Path, suite_dir: Path) ->
     label = ("suite" + "".join(f"_{k}={v}" for k, v in env_overrides.items())).replace("/", "_")[:200]
     # start_suite waits for every worker, not only the first: a worker still loading accepts
     # nothing, and wrk's keep-alive connections would all stay with the first.
-    server = start_suite(env_overrides, workdir / f"{label}.log", cwd=suite_dir)
-    return server
+    return start_suite(env_overrides, workdir / f"{label}.log", cwd=suite_dir)
 
 
 def start_reference(workers: int, model: Path, cores: int, workdir: Path) -> Server:

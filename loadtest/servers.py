@@ -128,9 +128,13 @@ def wait_every_worker_ready(server: Server, workers: int, timeout: float = 120) 
         if server.process.poll() is not None:
             raise RuntimeError(f"the suite exited with {server.process.returncode}:\n{server.log()[-4000:]}")
 
-    # (a checkout from before that line, which bench_serving --suite-dir may start: BentoML's own)
-    while (len(set(re.findall(r"\] worker (\d+) listening", server.log()))) < workers
-           and server.log().count("Completed async startup hook: start_listeners") < workers):
+    def all_listening() -> bool:
+        text = server.log()
+        # (or, from a checkout before that line, which bench_serving --suite-dir may start, BentoML's own)
+        return (len(set(re.findall(r"\] worker (\d+) listening", text))) >= workers
+                or text.count("Completed async startup hook: start_listeners") >= workers)
+
+    while not all_listening():
         check_alive()
         time.sleep(0.1)
     needed, in_a_row = 8 * max(1, workers), 0

@@ -299,10 +299,10 @@ class SampleFamily(Family):
             fake_labels[n // 2:2 * (n // 2)] = fake_labels[:n // 2]
         latent = torch.randn(n, z_dim)
         fake = model.generator(latent, fake_labels)
-        if model.cfg.discriminator == "projection":
-            return self._projection_step(model, real, labels, latent, fake, fake_labels, optimizers)
-
         critic_view = diff_augment if model.cfg.diff_augment else (lambda x: x)
+        if model.cfg.discriminator == "projection":
+            return self._projection_step(model, critic_view, real, labels, latent, fake, fake_labels, optimizers)
+
         # discriminator: real vs fake + class of the real and the fake images
         d_real, c_real, _ = model.discriminator(critic_view(real))
         d_fake, c_fake, t_fake = model.discriminator(critic_view(fake.detach()))
@@ -347,8 +347,8 @@ class SampleFamily(Family):
         latent_gap = (latent[:half] - latent[half:2 * half]).abs().mean(dim=1)
         return model.cfg.mode_seeking * (latent_gap / (image_gap + 1e-5)).mean()
 
-    def _projection_step(self, model: GAN, real, labels, latent, fake, fake_labels, optimizers) -> dict[str, float]:
-        critic_view = diff_augment if model.cfg.diff_augment else (lambda x: x)
+    def _projection_step(self, model: GAN, critic_view, real, labels, latent, fake, fake_labels,
+                         optimizers) -> dict[str, float]:
         # the hinge loss of Miyato et al. 2018
         d_loss = (F.relu(1 - model.discriminator(critic_view(real), labels)).mean()
                   + F.relu(1 + model.discriminator(critic_view(fake.detach()), fake_labels)).mean())
